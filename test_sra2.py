@@ -1,0 +1,658 @@
+"""Tests for sra2: oracles (the same quantity computed two ways) and invariants, fast on a CPU.
+Run: python -m pytest -q"""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import sra2
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+fast = settings(max_examples=20, deadline=None)
+
+
+def tiny_sit(**overrides):
+    """A 4-block SiT on 8x8x4 latents with 10 classes: T = 16 tokens of width 64."""
+    kw = dict(input_size=8, in_channels=4, num_classes=10, hidden_size=64, num_heads=4, depth=4,
+              align_depth=2)
+    return sra2.create_sit("SiT-S/2", **{**kw, **overrides})
+
+
+def perturbed(model, scale=0.05, seed=0):
+    """The official init zeroes every gate, so most gradients are 0: give all weights a random kick."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def batch(n=3, seed=0, c=4, size=8, num_classes=10):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, size, size, generator=g), torch.rand(n, generator=g),
+            torch.randint(0, num_classes, (n,), generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture: sizes, checkpoint names, init, and the official forward computed independently
+# ---------------------------------------------------------------------------------------------
+
+# SPEC: exact counts of the official code at 32x32x4, 1000 classes, pos_embed included.
+SPEC_COUNTS = {"SiT-S/2": (32_957_200, 32_963_360), "SiT-B/2": (130_500_112, 130_512_416),
+               "SiT-L/2": (458_086_416, 458_102_816), "SiT-XL/2": (675_111_184, 675_129_632)}
+
+
+@pytest.mark.parametrize("name", SPEC_COUNTS)
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_parameter_counts_equal_spec(name, learn_sigma):
+    with torch.device("meta"):                                     # shapes only, no memory
+        model = sra2.create_sit(name, learn_sigma=learn_sigma)
+    assert sum(p.numel() for p in model.parameters()) == SPEC_COUNTS[name][learn_sigma]
+
+
+def test_projector_sizes_match_paper():
+    with torch.device("meta"):
+        model = sra2.create_sit("SiT-B/2")
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        assert count(sra2.make_projector(model)) == 8_288_272      # the paper's "8M"
+        assert count(sra2.make_projector(model, depth=2)) == 1_205_776   # the paper's "1M"
+
+
+def test_presets_cover_paper_names_and_align_depths():
+    assert {f"SiT-{s}/{p}" for s in "S B L XL".split() for p in (2, 4, 8)} == set(sra2.PRESETS)
+    assert sra2.PRESETS["SiT-B/2"]["align_depth"] == 2 and sra2.PRESETS["SiT-XL/2"]["align_depth"] == 8
+    assert sra2.PRESETS["SiT-L/4"]["align_depth"] == 8 and sra2.PRESETS["SiT-S/8"]["align_depth"] == 2
+
+
+def official_keys():
+    path = SHARED / "reference" / "sit_state_dict_keys.txt"
+    if not path.exists():
+        pytest.skip(f"{path} not found (it sits in ../shared beside the checkout)")
+    keys = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith(("#", "...")):
+            name, shape = line.split("\t")
+            shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            names = [name.replace("blocks.0.", f"blocks.{i}.") for i in range(12)] if "blocks.0." in name else [name]
+            keys.update({n: shape for n in names})
+    return keys
+
+
+def test_state_dict_names_and_shapes_equal_official_sit():
+    with torch.device("meta"):
+        model = sra2.create_sit("SiT-B/2", learn_sigma=True)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official_keys()
+    assert model.pos_embed.requires_grad is False
+
+
+def test_output_is_exactly_zero_at_init_and_first_loss_is_mean_eps_minus_z_squared():
+    model = tiny_sit()
+    z, t, y = batch()
+    assert torch.equal(model(z, t, y), torch.zeros_like(z))
+    eps = torch.randn_like(z)
+    parts = sra2.training_loss(model, z, y, t=t, eps=eps)
+    torch.testing.assert_close(parts["denoise"], ((eps - z) ** 2).mean())
+    assert parts["align"].item() == 0
+
+
+def numpy_pos_embed(dim, grid):
+    """SPEC formula in numpy: 1-D [sin, cos] with omega_k = 1/10000^(k/(d'/2)), w first then h."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2))
+        angles = np.outer(pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    h_index, w_index = np.divmod(np.arange(grid * grid), grid)     # row-major tokens
+    return np.concatenate([one_d(dim // 2, w_index), one_d(dim // 2, h_index)], axis=1)
+
+
+def test_pos_embed_equals_numpy_formula():
+    model = tiny_sit(hidden_size=96, num_heads=4, input_size=12)
+    np.testing.assert_allclose(model.pos_embed[0].double().numpy(), numpy_pos_embed(96, 6), atol=1e-6)
+
+
+def reference_forward(sd, cfg, x, t, y):
+    """SiT written again from SPEC as plain functions on the state dict (no modules shared)."""
+    p, D, heads = cfg.patch_size, cfg.hidden_size, cfg.num_heads
+    N, C, H, W = x.shape
+    x_tok = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
+    x_tok = x_tok.flatten(2).transpose(1, 2) + sd["pos_embed"]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    t_freq = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
+    t_emb = F.linear(F.silu(F.linear(t_freq, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+                     sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    c = t_emb + sd["y_embedder.embedding_table.weight"][y]
+    ln = lambda a: F.layer_norm(a, (D,), eps=1e-6)
+    for i in range(cfg.depth):
+        b = lambda n: sd[f"blocks.{i}.{n}"]
+        mods = F.linear(F.silu(c), b("adaLN_modulation.1.weight"), b("adaLN_modulation.1.bias"))
+        sh1, sc1, g1, sh2, sc2, g2 = [m[:, None] for m in mods.chunk(6, 1)]
+        a = ln(x_tok) * (1 + sc1) + sh1
+        q, k, v = F.linear(a, b("attn.qkv.weight"), b("attn.qkv.bias")).chunk(3, -1)
+        split = lambda u: u.reshape(N, -1, heads, D // heads).transpose(1, 2)
+        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(D // heads), -1) @ split(v)
+        att = att.transpose(1, 2).reshape(N, -1, D)
+        x_tok = x_tok + g1 * F.linear(att, b("attn.proj.weight"), b("attn.proj.bias"))
+        m = ln(x_tok) * (1 + sc2) + sh2
+        m = F.linear(F.gelu(F.linear(m, b("mlp.fc1.weight"), b("mlp.fc1.bias")), approximate="tanh"),
+                     b("mlp.fc2.weight"), b("mlp.fc2.bias"))
+        x_tok = x_tok + g2 * m
+    sh, sc = F.linear(F.silu(c), sd["final_layer.adaLN_modulation.1.weight"],
+                      sd["final_layer.adaLN_modulation.1.bias"])[:, None].chunk(2, -1)
+    out = F.linear(ln(x_tok) * (1 + sc) + sh, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
+    c_out = out.shape[-1] // (p * p)
+    out = out.reshape(N, H // p, W // p, p, p, c_out)
+    out = torch.einsum("nhwpqc->nchpwq", out).reshape(N, c_out, H, W)
+    return out[:, :C]                                              # learn_sigma: first C channels
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_forward_equals_independent_reference(learn_sigma, patch):
+    model = perturbed(tiny_sit(learn_sigma=learn_sigma, patch_size=patch)).eval()
+    z, t, y = batch()
+    y[0] = 10                                                      # the null label is valid input
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    torch.testing.assert_close(model(z, t, y), reference_forward(sd, model.config, z, t, y),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_repa_checkpoint_loads_and_projectors_are_returned():
+    source = perturbed(tiny_sit())
+    state = {**source.state_dict(), "projectors.0.0.weight": torch.ones(3, 3)}
+    target = tiny_sit()
+    dropped = sra2.load_sit_checkpoint(target, {"model": state, "opt": {}})
+    assert list(dropped) == ["projectors.0.0.weight"]
+    z, t, y = batch()
+    assert torch.equal(target.eval()(z, t, y), source.eval()(z, t, y))
+
+
+def test_checkpoint_with_learn_sigma_mismatch_names_the_fix():
+    state = tiny_sit(learn_sigma=True).state_dict()
+    with pytest.raises(ValueError, match="learn_sigma=True"):
+        sra2.load_sit_checkpoint(tiny_sit(), {"ema": state})
+
+
+def test_time_flip_turns_sit_direction_into_ours():
+    """The exact Gaussian velocity written in SiT's convention (tau = 1 data, u = z - eps), flipped,
+    must equal the exact velocity written in ours (t = 0 data, v = eps - z)."""
+    mu, s = 0.3, 0.8
+
+    class SiTDirection(torch.nn.Module):                           # x = tau z + (1 - tau) eps
+        config = tiny_sit().config
+
+        def forward(self, x, tau, y):
+            tau = tau[:, None, None, None]
+            var = tau ** 2 * s ** 2 + (1 - tau) ** 2
+            return mu + (tau * s ** 2 - (1 - tau)) / var * (x - tau * mu)
+
+    z, t, y = batch()
+    x = z.double()
+    flipped = sra2.SiTTimeFlip(SiTDirection())(x, t.double(), y)
+    torch.testing.assert_close(flipped, gaussian_velocity(mu, s)(x, t.double(), y))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolant
+# ---------------------------------------------------------------------------------------------
+
+
+@fast
+@given(path=st.sampled_from(sra2.PATHS), seed=st.integers(0, 2 ** 16))
+def test_interpolant_endpoints(path, seed):
+    z, _, _ = batch(seed=seed)
+    eps = torch.randn_like(z)
+    x0, _ = sra2.interpolate(z, eps, torch.zeros(3), path)
+    x1, _ = sra2.interpolate(z, eps, torch.ones(3), path)
+    torch.testing.assert_close(x0, z)                              # t = 0 is data
+    torch.testing.assert_close(x1, eps, atol=1e-6, rtol=0)         # t = 1 is noise
+
+
+@fast
+@given(path=st.sampled_from(sra2.PATHS), t=st.floats(0.01, 0.99), seed=st.integers(0, 2 ** 16))
+def test_velocity_target_equals_finite_difference(path, t, seed):
+    z, _, _ = batch(seed=seed)
+    z, eps = z.double(), torch.randn_like(z.double())
+    h = 1e-6
+    x_plus, _ = sra2.interpolate(z, eps, torch.full((3,), t + h, dtype=torch.float64), path)
+    x_minus, _ = sra2.interpolate(z, eps, torch.full((3,), t - h, dtype=torch.float64), path)
+    _, v = sra2.interpolate(z, eps, torch.full((3,), t, dtype=torch.float64), path)
+    torch.testing.assert_close(v, (x_plus - x_minus) / (2 * h), rtol=1e-7, atol=1e-8)
+
+
+def test_linear_velocity_target_is_eps_minus_z():
+    z, t, _ = batch()
+    eps = torch.randn_like(z)
+    x_t, v = sra2.interpolate(z, eps, t)
+    torch.testing.assert_close(v, eps - z)
+    torch.testing.assert_close(x_t, (1 - t[:, None, None, None]) * z + t[:, None, None, None] * eps)
+
+
+@fast
+@given(path=st.sampled_from(sra2.PATHS), t=st.floats(0.02, 0.98), seed=st.integers(0, 2 ** 16))
+def test_score_from_exact_velocity_is_minus_eps_over_sigma(path, t, seed):
+    z, _, _ = batch(seed=seed)
+    z, eps = z.double(), torch.randn_like(z.double())
+    t_vec = torch.full((3,), t, dtype=torch.float64)
+    x_t, v = sra2.interpolate(z, eps, t_vec, path)
+    sigma = sra2.path_coefficients(t_vec, path)[1][:, None, None, None]
+    torch.testing.assert_close(sra2.score_from_velocity(v, x_t, t_vec, path), -eps / sigma)
+    if path == "linear":
+        torch.testing.assert_close(sra2.score_from_velocity(v, x_t, t_vec), -eps / t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token layout and the alignment loss
+# ---------------------------------------------------------------------------------------------
+
+
+@fast
+@given(n=st.integers(1, 3), c=st.integers(1, 5), p=st.sampled_from([1, 2, 4]),
+       h=st.integers(1, 3), w=st.integers(1, 3))
+def test_patchify_and_unpatchify_are_inverses(n, c, p, h, w):
+    x = torch.randn(n, c, h * p, w * p)
+    tokens = sra2.patchify(x, p)
+    assert tokens.shape == (n, h * w, p * p * c)
+    assert torch.equal(sra2.unpatchify(tokens, p, h * p, w * p), x)
+
+
+def test_patch_vectors_are_in_p_q_c_order():
+    x = torch.randn(2, 3, 4, 6)
+    tokens = sra2.patchify(x, 2)
+    for i, j, a, b, c in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (0, 1, 0, 1, 1), (1, 1, 1, 1, 0)]:
+        # token (i, j) = row-major index i * (W / p) + j; element (a, b, c) at (a * p + b) * C + c
+        assert tokens[1, i * 3 + j, (a * 2 + b) * 3 + c] == x[1, c, i * 2 + a, j * 2 + b]
+
+
+@fast
+@given(d=st.floats(-3, 3), beta=st.floats(0.01, 1.0))
+def test_smooth_l1_equals_reference_formula(d, beta):
+    f_sit, f_vae = torch.tensor([[[d]]], dtype=torch.float64), torch.zeros(1, 1, 1, dtype=torch.float64)
+    expected = 0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta
+    assert math.isclose(sra2.alignment_loss(f_sit, f_vae, beta=beta).item(), expected, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_smooth_l1_is_quadratic_below_beta_and_linear_above():
+    loss = lambda d: sra2.alignment_loss(torch.full((1, 1, 1), d), torch.zeros(1, 1, 1)).item()
+    assert math.isclose(loss(0.02), 4 * loss(0.01), rel_tol=1e-5)  # quadratic: doubling d gives 4x
+    assert math.isclose(loss(0.4) - loss(0.2), loss(0.6) - loss(0.4), rel_tol=1e-5)  # linear slope 1
+    assert math.isclose(loss(0.4) - loss(0.2), 0.2, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("kind,formula", [
+    ("l1", lambda a, b: (a - b).abs().mean((1, 2))),
+    ("l2", lambda a, b: ((a - b) ** 2).mean((1, 2))),
+    ("cosine", lambda a, b: 1 - ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean(1)),
+])
+def test_other_alignment_losses_equal_their_formulas(kind, formula):
+    a, b = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    torch.testing.assert_close(sra2.alignment_loss(a, b, kind), formula(a, b))
+
+
+def test_sra2_target_is_the_clean_latent_as_tokens():
+    """A projector that outputs patchify(z) exactly gives align = 0; shifting z by 0.5 gives the
+    smooth-L1 value of a 0.5 error everywhere, so the target is z in the model's token layout."""
+    model = tiny_sit()
+    z, t, y = batch()
+
+    class Oracle(torch.nn.Module):
+        def forward(self, h):
+            return sra2.patchify(z, 2) + 0 * h.sum()
+
+    assert sra2.training_loss(model, z, y, Oracle(), t=t)["align"].item() == 0
+    shifted = sra2.training_loss(model, z + 0.5, y, Oracle(), t=t)["align"].item()
+    assert math.isclose(shifted, 0.5 - 0.025, rel_tol=1e-5)       # |d| = 0.5 > beta: 0.5 - beta / 2
+
+
+def test_alignment_gradient_reaches_projector_and_blocks_up_to_depth_only():
+    model = perturbed(tiny_sit(depth=4))
+    projector = sra2.make_projector(model)
+    z, t, y = batch()
+    sra2.training_loss(model, z, y, projector, align_depth=2, t=t)["align"].backward()
+    grad = lambda m: sum(p.grad.abs().sum().item() for p in m.parameters() if p.grad is not None)
+    assert grad(projector) > 0
+    assert grad(model.blocks[0]) > 0 and grad(model.blocks[1]) > 0
+    assert all(p.grad is None for p in model.blocks[2:].parameters())
+    assert all(p.grad is None for p in model.final_layer.parameters())
+
+
+def test_t_range_limits_alignment_to_samples_inside_it():
+    model = perturbed(tiny_sit())
+    projector = sra2.make_projector(model)
+    z, _, y = batch(n=4)
+    t, eps = torch.tensor([0.1, 0.3, 0.7, 0.9]), torch.randn_like(z)
+    align = lambda z_target: sra2.training_loss(model, z, y, projector, t=t, eps=eps, t_range=(0.0, 0.5),
+                                                target=sra2.patchify(z_target, 2))["align"].item()
+    outside, inside = z.clone(), z.clone()
+    outside[2:] += 1.0                                             # change targets of t = 0.7, 0.9
+    inside[:2] += 1.0                                              # change targets of t = 0.1, 0.3
+    assert align(outside) == align(z)
+    assert align(inside) != align(z)
+
+
+def test_generic_target_features_of_any_width():
+    model = perturbed(tiny_sit())
+    projector = sra2.Projector(64, 12, depth=3)
+    z, t, y = batch()
+    target = torch.randn(3, 16, 12)                                # e.g. DINOv2 tokens, (N, T, d)
+    parts = sra2.training_loss(model, z, y, projector, target=target, t=t)
+    parts["loss"].backward()
+    assert torch.isfinite(parts["align"]) and parts["align"] > 0
+    assert projector.mlp[0].weight.grad is not None
+    with pytest.raises(ValueError, match="differ"):
+        sra2.training_loss(model, z, y, projector, target=torch.randn(3, 16, 5), t=t)
+
+
+def test_loss_is_denoise_plus_lambda_align():
+    model = perturbed(tiny_sit())
+    projector = sra2.make_projector(model)
+    z, t, y = batch()
+    eps = torch.randn_like(z)
+    parts = sra2.training_loss(model, z, y, projector, lam=0.1, t=t, eps=eps)
+    torch.testing.assert_close(parts["loss"], parts["denoise"] + 0.1 * parts["align"])
+    plain = sra2.training_loss(model, z, y, t=t, eps=eps)
+    torch.testing.assert_close(plain["denoise"], parts["denoise"])  # same forward pass, same t
+
+
+def test_dropping_projector_leaves_a_plain_sit():
+    model = tiny_sit()
+    projector = sra2.make_projector(model)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(projector.parameters()), lr=1e-3)
+    for seed in range(2):
+        z, _, y = batch(seed=seed)
+        opt.zero_grad()
+        sra2.training_loss(model, z, y, projector)["loss"].backward()
+        opt.step()
+    fresh = tiny_sit()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert not any("projector" in k for k in model.state_dict())
+    z, t, y = batch(seed=5)
+    assert torch.equal(fresh.eval()(z, t, y), model.eval()(z, t, y))
+    assert model.eval()(z, t, y).abs().sum() > 0                   # trained: not the zero init
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_velocity(mu, s):
+    """E[eps - z | x_t] for z ~ N(mu, s^2 I) on the linear path, x_t = (1 - t) z + t eps."""
+    def v(x, t, y):
+        t = t.reshape(-1, 1, 1, 1).to(x.dtype)
+        var = (1 - t) ** 2 * s ** 2 + t ** 2                       # Var x_t
+        return -mu + (t - (1 - t) * s ** 2) / var * (x - (1 - t) * mu)   # E v + Cov(v, x)/Var x (x - E x)
+    return v
+
+
+@pytest.mark.parametrize("sampler", [
+    lambda v, x, y, g: sra2.sample_sde(v, x, y, num_steps=100, generator=g, t_last=0.01),
+    lambda v, x, y, g: sra2.sample_ode(v, x, y, num_steps=250, method="euler"),
+    lambda v, x, y, g: sra2.sample_ode(v, x, y, num_steps=50, method="heun"),
+], ids=["sde", "euler", "heun"])
+def test_samplers_recover_a_gaussian(sampler):
+    """Mean and variance within 5 standard errors of n = 80,000 i.i.d. values (plus nothing else:
+    the step counts are chosen so the discretisation bias is below one standard error)."""
+    mu, s, n = 0.7, 0.5, 20000
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
+    x = sampler(gaussian_velocity(mu, s), noise, torch.zeros(n, dtype=torch.long), g)
+    m = x.numel()
+    assert abs(x.mean().item() - mu) < 5 * s / math.sqrt(m)
+    assert abs(x.var().item() - s ** 2) < 5 * s ** 2 * math.sqrt(2 / m)
+
+
+def test_sde_with_papers_grid_shrinks_variance_by_its_known_last_step():
+    """The paper's grid ends with a noise-free step from t = 0.04: from x ~ p_0.04 it gives
+    x_0 = (1 - t) x - t (2 - t) v(x) (t = 0.04), an affine map of a Gaussian. Check the sampler
+    against that prediction, to show the 250-step default does what the paper's sampler does."""
+    mu, s, n, t = 0.7, 0.5, 20000, 0.04
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
+    x = sra2.sample_sde(gaussian_velocity(mu, s), noise, torch.zeros(n, dtype=torch.long), generator=g)
+    slope = (t - (1 - t) * s ** 2) / ((1 - t) ** 2 * s ** 2 + t ** 2)   # v = a + slope * x
+    var_t = (1 - t) ** 2 * s ** 2 + t ** 2
+    predicted_var = ((1 - t) - t * (2 - t) * slope) ** 2 * var_t
+    m = x.numel()
+    assert predicted_var < 0.985 * s ** 2                          # the effect is real (about -2%)
+    assert abs(x.var().item() - predicted_var) < 5 * predicted_var * math.sqrt(2 / m) + 0.005 * s ** 2
+
+
+def test_sde_equals_float64_step_by_step_reference():
+    """SPEC's algorithm written out by hand on a 4-step grid, with the same noise draws."""
+    model = perturbed(tiny_sit()).eval()
+    noise, _, y = batch(n=2, seed=3)
+    times = [1.0, 0.68, 0.36, 0.04, 0.0]                           # linspace(1, 0.04, 4) then 0
+    g = torch.Generator().manual_seed(7)
+    x = noise.double()
+    for i in range(4):
+        t, dt = times[i], times[i + 1] - times[i]
+        v = model(x.float(), torch.full((2,), t), y).double()
+        s = -((1 - t) * v + x) / t
+        x = x + (v - t * s) * dt
+        if i < 3:
+            x = x + math.sqrt(2 * t) * math.sqrt(-dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    out = sra2.sample_sde(model, noise, y, num_steps=4, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out, x.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_samplers_are_reproducible_with_a_generator():
+    model = perturbed(tiny_sit()).eval()
+    noise, _, y = batch(n=2)
+    run = lambda seed: sra2.sample_sde(model, noise, y, num_steps=5, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a SiT and records the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, []
+
+    def forward(self, x, t, y):
+        self.calls.append((x.shape[0], t[0].item()))
+        return self.model(x, t, y)
+
+
+def test_cfg_scale_one_is_the_conditional_output_in_one_pass():
+    model = CountingModel(perturbed(tiny_sit()).eval())
+    x, _, y = batch()
+    v = sra2.guided_velocity(model, x, 0.5, y, cfg_scale=1.0)
+    torch.testing.assert_close(v, model.model(x, torch.full((3,), 0.5), y))
+    assert model.calls == [(3, 0.5)]
+
+
+def test_cfg_guides_all_channels_and_only_inside_the_interval():
+    model = CountingModel(perturbed(tiny_sit()).eval())
+    x, _, y = batch()
+    t_vec = torch.full((3,), 0.5)
+    v = sra2.guided_velocity(model, x, 0.5, y, cfg_scale=4.0, guidance_interval=(0.0, 0.7))
+    v_c, v_u = model.model(x, t_vec, y), model.model(x, t_vec, torch.full_like(y, 10))
+    torch.testing.assert_close(v, v_u + 4.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)   # all 4 channels
+    assert model.calls == [(6, 0.5)]                               # one doubled batch
+    model.calls.clear()
+    sra2.sample_ode(model, x, y, num_steps=4, method="euler", cfg_scale=4.0, guidance_interval=(0.0, 0.7))
+    assert model.calls == [(3, 1.0), (3, 0.75), (6, 0.5), (6, 0.25)]   # 1, 0.75 outside the interval
+
+
+def test_sampler_call_counts():
+    model = CountingModel(perturbed(tiny_sit()).eval())
+    x, _, y = batch()
+    sra2.sample_sde(model, x, y, num_steps=7)
+    assert len(model.calls) == 7 and model.calls[-1][1] == pytest.approx(0.04)
+    model.calls.clear()
+    sra2.sample_ode(model, x, y, num_steps=5, method="heun")
+    assert len(model.calls) == 9                                   # 2N - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: precision, optimisation, EMA
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_is_close_to_fp32_and_finite():
+    model = perturbed(tiny_sit(), scale=0.1).eval()
+    projector = sra2.make_projector(model)
+    z, t, y = batch(n=4)
+    eps = torch.randn_like(z)
+    exact = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    with sra2.autocast("cpu"):
+        v = model(z, t, y)
+        low = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    v32 = model(z, t, y)
+    # bf16 keeps 8 mantissa bits (unit roundoff 2^-9 = 0.2%); a few layers accumulate a few of those.
+    assert (v.float() - v32).norm() / v32.norm() < 2e-2
+    for key in ("denoise", "align", "loss"):
+        assert low[key].dtype == torch.float32 and torch.isfinite(low[key])
+        assert abs(low[key].item() - exact[key].item()) < 2e-2 * abs(exact[key].item())
+
+
+def test_a_few_steps_overfit_a_fixed_batch():
+    torch.manual_seed(0)
+    model = tiny_sit(class_dropout_prob=0.0)
+    projector = sra2.make_projector(model, depth=2)
+    z, t, y = batch(n=4)
+    eps = torch.randn_like(z)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(projector.parameters()), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        parts = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+        opt.zero_grad()
+        parts["loss"].backward()
+        opt.step()
+        losses.append((parts["denoise"].item(), parts["align"].item()))
+    assert losses[-1][0] < 0.1 * losses[0][0] and losses[-1][1] < 0.1 * losses[0][1]
+
+
+def test_ema_starts_as_copy_and_follows_the_formula():
+    model = perturbed(tiny_sit())
+    ema = sra2.create_ema(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+    assert not any(p.requires_grad for p in ema.parameters())
+    before = [p.clone() for p in ema.parameters()]
+    perturbed(model, seed=1)
+    sra2.update_ema(ema, model, decay=0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p)
+
+
+def test_label_dropout_only_in_training():
+    model = tiny_sit(class_dropout_prob=0.5)
+    y = torch.zeros(4000, dtype=torch.long)
+    table = model.y_embedder.embedding_table.weight
+    null_rows = lambda: (model.y_embedder(y) == table[10]).all(1).float().mean().item()
+    assert abs(null_rows() - 0.5) < 5 * math.sqrt(0.25 / 4000)
+    model.eval()
+    assert null_rows() == 0
+
+
+def test_pick_device_and_autocast():
+    assert sra2.pick_device("cpu") == torch.device("cpu")
+    assert sra2.pick_device().type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            sra2.pick_device("cuda")
+    assert isinstance(sra2.autocast("cpu"), torch.autocast)
+    assert not isinstance(sra2.autocast("cpu", enabled=False), torch.autocast)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a ValueError that names the problem
+# ---------------------------------------------------------------------------------------------
+
+def _call(x_shape=(2, 4, 8, 8), t=(0.5, 0.5), y=(1, 2), x_fill=None):
+    model = tiny_sit()
+    x = torch.randn(x_shape) if x_fill is None else torch.full(x_shape, x_fill)
+    return model(x, torch.tensor(t), torch.tensor(y))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x_shape=(2, 3, 8, 8)), "must be \\(N, 4, H, W\\)"),
+    (dict(x_shape=(2, 4, 16, 16)), "input_size 8"),
+    (dict(x_shape=(2, 4, 7, 8)), "not divisible by patch"),
+    (dict(x_shape=(4, 8, 8)), "must be \\(N, 4, H, W\\)"),
+    (dict(y=(1, 11)), "labels must be in \\[0, 10\\]"),
+    (dict(y=(-1, 2)), "labels must be in"),
+    (dict(y=(1.0, 2.0)), "must be integers"),
+    (dict(y=(1, 2, 3)), "must be \\(N,\\)"),
+    (dict(t=(0.5, 1.5)), "t must be finite and in \\[0, 1\\]"),
+    (dict(t=(-0.1, 0.5)), "t must be finite"),
+    (dict(t=(float("nan"), 0.5)), "t must be finite"),
+    (dict(x_fill=float("inf")), "NaN or Inf"),
+])
+def test_bad_forward_inputs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**kwargs)
+
+
+def test_null_label_absent_without_label_dropout():
+    model = tiny_sit(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="absent"):
+        model(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), torch.tensor([10]))
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: sra2.create_sit("SiT-M/2"), "unknown model"),
+    (lambda: sra2.create_sit("SiT-S/2", widht=3), "unknown SiTConfig field"),
+    (lambda: tiny_sit(input_size=9), "not divisible by patch"),
+    (lambda: tiny_sit(align_depth=5), "align_depth 5 is outside"),
+    (lambda: tiny_sit(num_heads=5), "must divide"),
+    (lambda: sra2.Projector(8, 4, depth=0), "depth must be >= 1"),
+    (lambda: sra2.path_coefficients(torch.ones(1), "vp"), "unknown path"),
+    (lambda: sra2.alignment_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), "huber"), "unknown alignment"),
+    (lambda: sra2.sample_ode(None, torch.ones(1), None, method="rk4"), "unknown ODE method"),
+])
+def test_bad_settings_raise_clear_errors(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_align_depth_beyond_model_in_loss_is_an_error():
+    model = tiny_sit()
+    z, t, y = batch()
+    with pytest.raises(ValueError, match="align_depth 9 is outside the model's 1..4"):
+        sra2.training_loss(model, z, y, sra2.make_projector(model), align_depth=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_cuda_forward_and_loss_match_cpu():
+    model = perturbed(tiny_sit()).eval()
+    projector = sra2.make_projector(model)
+    z, t, y = batch()
+    eps = torch.randn_like(z)
+    cpu = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    gpu = sra2.training_loss(model.cuda(), z.cuda(), y.cuda(), projector.cuda(), t=t.cuda(), eps=eps.cuda())
+    for key in cpu:
+        assert abs(gpu[key].item() - cpu[key].item()) < 1e-3 * abs(cpu[key].item()) + 1e-6
+
+
+@needs_cuda
+def test_cuda_bf16_sampler_is_finite_and_reproducible():
+    model = perturbed(tiny_sit()).eval().cuda()
+    noise, _, y = batch()
+    run = lambda: sra2.sample_sde(model, noise.cuda(), y.cuda(), num_steps=10, cfg_scale=2.0,
+                                  generator=torch.Generator("cuda").manual_seed(0))
+    with sra2.autocast("cuda"):
+        a, b = run(), run()
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_bad_labels_raise_value_error_not_device_assert():
+    model = tiny_sit().cuda()
+    with pytest.raises(ValueError, match="labels must be in"):
+        model(torch.randn(1, 4, 8, 8, device="cuda"), torch.tensor([0.5], device="cuda"),
+              torch.tensor([11], device="cuda"))
