@@ -21,6 +21,8 @@ Shape letters: N batch, C latent channels, H W latent height and width, p patch 
 """
 import copy
 import math
+import statistics
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -568,3 +570,153 @@ def autocast(device, enabled=True):
     if not enabled or device.type not in ("cuda", "cpu"):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: `python sra2.py --bench` (a script, not part of the library: nothing runs on import)
+# ---------------------------------------------------------------------------------------------
+
+
+def _timed(fn, device, warmup, iters):
+    """Median seconds per call of fn() after warmup calls, synchronising the device around each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _train_flops_per_image(model, projector, device):
+    """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode (matmuls, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = model.config
+    z = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        training_loss(model, z, y, projector)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    if projector is not None:
+        projector.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, official=None):
+    """One row: images/s, peak memory and FLOP/s of a full training step (fwd, bwd, AdamW)."""
+    torch.manual_seed(0)
+    if official is None:
+        model = create_sit(name, **overrides).to(device)
+    else:                                          # official SiT models.py: same math, no SRA 2 tap
+        model = official.SiT_models[name](**overrides, learn_sigma=False).to(device)
+        model.config = SiTConfig(**{**PRESETS[name], **overrides})
+    projector = make_projector(model).to(device) if sra else None
+    flops = _train_flops_per_image(model, projector, device) if official is None else None
+    params = list(model.parameters()) + (list(projector.parameters()) if sra else [])
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    cfg = model.config
+    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    loss_fn = lambda z, y: training_loss(model, z, y, projector)["loss"]
+    if mode == "bf16+compile":
+        loss_fn = torch.compile(loss_fn)
+
+    def step():
+        with autocast(device, enabled=mode != "fp32"):
+            loss = loss_fn(z, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _timed(step, device, warmup, iters)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return dict(model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
+                img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak,
+                tflops=(flops or float("nan")) * batch / seconds / 1e12)
+
+
+def _bench_sampler(name, batch, steps, compiled, device, overrides, iters):
+    model = create_sit(name, **overrides).to(device).eval()
+    cfg = model.config
+    model = torch.compile(model) if compiled else model
+    noise = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    run = lambda: sample_sde(model, noise, y, num_steps=steps)
+    with autocast(device):
+        seconds = _timed(run, device, warmup=1, iters=iters)
+    return dict(model=name, batch=batch, steps=steps, compiled=compiled, img_s=batch / seconds, s=seconds)
+
+
+def _matmul_ceiling(device, n):
+    """TFLOP/s of one large bf16 (CPU: fp32) matmul: the practical ceiling for this device."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / _timed(lambda: a @ b, device, warmup=3, iters=10) / 1e12
+
+
+def benchmark(device, quick=False, official_path=None):
+    """Training-step and sampler throughput. quick: tiny sizes for a CPU smoke run."""
+    torch.backends.cuda.matmul.allow_tf32 = True                   # "fp32" means fp32/TF32, as SiT
+    torch.backends.cudnn.allow_tf32 = True
+    official = None
+    if official_path:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("official_sit_models", official_path)
+        official = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(official)
+    if quick:                                                      # a 4-block S/2 on 8x8 latents
+        overrides = dict(input_size=8, num_classes=10, depth=4, hidden_size=128, num_heads=2)
+        warmup, iters = 1, 3
+        cases = [("SiT-S/2", 8)]
+        modes = ["fp32", "bf16"]
+        sampler = ("SiT-S/2", 8, 10)
+    else:                                                          # ImageNet 256: 32x32x4 latents
+        overrides = dict(input_size=32, num_classes=1000)
+        warmup, iters = 5, 10
+        cases = [("SiT-B/2", 256), ("SiT-XL/2", 64)]
+        modes = ["fp32", "bf16"] + (["bf16+compile"] if device.type == "cuda" else [])
+        sampler = ("SiT-B/2", 256, 250)
+    ceiling = _matmul_ceiling(device, 1024 if quick else 8192)
+    rows = []
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}, matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
+    header = f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}"
+    print(header)
+    for name, batch in cases:
+        variants = [(m, s, None) for m in modes for s in (False, True)]
+        variants += [(m, False, official) for m in modes] if official else []
+        for mode, sra, off in variants:
+            r = _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, off)
+            rows.append(r)
+            print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}{r['img_s']:>9.1f}"
+                  f"{r['ms']:>9.1f}{r['peak_gib']:>10.2f}{r['tflops']:>9.1f}{r['tflops'] / ceiling:>8.0%}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    name, batch, steps = sampler
+    for compiled in [False] + ([True] if device.type == "cuda" else []):
+        r = _bench_sampler(name, batch, steps, compiled, device, overrides, iters=1 if not quick else 2)
+        rows.append(r)
+        print(f"sampler {name} batch {batch}, {steps}-step Euler-Maruyama, bf16"
+              f"{' + compile' if compiled else ''}: {r['img_s']:.1f} img/s ({r['s']:.2f} s per batch)", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="sra2 is a library; this entry point only benchmarks it.")
+    parser.add_argument("--bench", action="store_true", help="measure training and sampling throughput")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run in seconds")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--official", default=None, metavar="MODELS_PY",
+                        help="also time the official SiT models.py (needs timm; never committed here)")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.error("nothing to do: pass --bench (the library itself is imported, not run)")
+    benchmark(pick_device(args.device), quick=args.quick, official_path=args.official)

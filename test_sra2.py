@@ -656,3 +656,22 @@ def test_cuda_bad_labels_raise_value_error_not_device_assert():
     with pytest.raises(ValueError, match="labels must be in"):
         model(torch.randn(1, 4, 8, 8, device="cuda"), torch.tensor([0.5], device="cuda"),
               torch.tensor([11], device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark smoke run (speed is measured by `python sra2.py --bench`, never asserted here)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_benchmark_quick_mode_runs_and_reports_every_row(tmp_path, capsys):
+    official = tmp_path / "models.py"                              # stands in for SiT's models.py
+    official.write_text("import sra2\nSiT_models = {'SiT-S/2': lambda **kw: sra2.SiT(sra2.SiTConfig("
+                        "**{**sra2.PRESETS['SiT-S/2'], **kw}))}\n")
+    rows = sra2.benchmark(torch.device("cpu"), quick=True, official_path=str(official))
+    train = [r for r in rows if "mode" in r]
+    assert [(r["mode"], r["sra2"], "official" in r["model"]) for r in train] == [
+        ("fp32", False, False), ("fp32", True, False), ("bf16", False, False), ("bf16", True, False),
+        ("fp32", False, True), ("bf16", False, True)]
+    assert all(r["img_s"] > 0 and math.isfinite(r["img_s"]) for r in rows)
+    assert all(r["tflops"] > 0 for r in train if "official" not in r["model"])
+    assert "Euler-Maruyama" in capsys.readouterr().out
