@@ -621,13 +621,13 @@ def _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offic
     cfg = model.config
     z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    loss_fn = lambda z, y: training_loss(model, z, y, projector)["loss"]
-    if mode == "bf16+compile":
-        loss_fn = torch.compile(loss_fn)
+    eager_fn = lambda z, y, t, eps: training_loss(model, z, y, projector, t=t, eps=eps)
+    loss_fn = torch.compile(eager_fn) if mode == "bf16+compile" else eager_fn
 
     def step():
+        t, eps = torch.rand(batch, device=device), torch.randn_like(z)
         with autocast(device, enabled=mode != "fp32"):
-            loss = loss_fn(z, y)
+            loss = loss_fn(z, y, t, eps)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -637,7 +637,13 @@ def _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offic
         torch.cuda.reset_peak_memory_stats()
     seconds = _timed(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return dict(model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
+    compile_err = float("nan")
+    if loss_fn is not eager_fn:                                    # compiled vs eager, same inputs
+        t, eps = torch.rand(batch, device=device), torch.randn_like(z)
+        with torch.no_grad(), autocast(device):
+            a, b = loss_fn(z, y, t, eps), eager_fn(z, y, t, eps)
+        compile_err = max(abs(a[k].item() - b[k].item()) / abs(b[k].item()) for k in ("denoise", "align") if b[k])
+    return dict(compile_err=compile_err, model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
                 img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak,
                 tflops=(flops or float("nan")) * batch / seconds / 1e12)
 
@@ -696,7 +702,8 @@ def benchmark(device, quick=False, official_path=None):
             r = _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, off)
             rows.append(r)
             print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}{r['img_s']:>9.1f}"
-                  f"{r['ms']:>9.1f}{r['peak_gib']:>10.2f}{r['tflops']:>9.1f}{r['tflops'] / ceiling:>8.0%}", flush=True)
+                  f"{r['ms']:>9.1f}{r['peak_gib']:>10.2f}{r['tflops']:>9.1f}{r['tflops'] / ceiling:>8.0%}"
+                  + (f"  compiled vs eager loss: {r['compile_err']:.1e} relative" if r["compile_err"] == r["compile_err"] else ""), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     name, batch, steps = sampler

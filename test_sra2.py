@@ -675,3 +675,16 @@ def test_benchmark_quick_mode_runs_and_reports_every_row(tmp_path, capsys):
     assert all(r["img_s"] > 0 and math.isfinite(r["img_s"]) for r in rows)
     assert all(r["tflops"] > 0 for r in train if "official" not in r["model"])
     assert "Euler-Maruyama" in capsys.readouterr().out
+
+
+@needs_cuda
+def test_cuda_compiled_loss_matches_eager_within_bf16_tolerance():
+    model = perturbed(tiny_sit()).cuda()
+    projector = sra2.make_projector(model).cuda()
+    z, t, y = (a.cuda() for a in batch(n=8))
+    eps = torch.randn_like(z)
+    fn = lambda z, y, t, eps: sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    with sra2.autocast("cuda"):
+        compiled, eager = torch.compile(fn, fullgraph=True)(z, y, t, eps), fn(z, y, t, eps)
+    for key in ("denoise", "align", "loss"):
+        assert abs(compiled[key].item() - eager[key].item()) < 1e-2 * abs(eager[key].item())
