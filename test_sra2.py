@@ -323,7 +323,7 @@ def test_alignment_gradient_reaches_projector_and_blocks_up_to_depth_only():
 
 
 def test_t_range_limits_alignment_to_samples_inside_it():
-    model = perturbed(tiny_sit())
+    model = perturbed(tiny_sit()).eval()                           # eval: no random label dropout
     projector = sra2.make_projector(model)
     z, _, y = batch(n=4)
     t, eps = torch.tensor([0.1, 0.3, 0.7, 0.9]), torch.randn_like(z)
@@ -350,7 +350,7 @@ def test_generic_target_features_of_any_width():
 
 
 def test_loss_is_denoise_plus_lambda_align():
-    model = perturbed(tiny_sit())
+    model = perturbed(tiny_sit()).eval()                           # eval: no random label dropout
     projector = sra2.make_projector(model)
     z, t, y = batch()
     eps = torch.randn_like(z)
