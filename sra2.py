@@ -112,12 +112,14 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
-        half = freq_dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)     # not in the checkpoint
+        self.freq_dim, self.max_period = freq_dim, max_period
 
     def forward(self, t):
-        angles = t.float()[:, None] * self.freqs[None]             # (N, 128)
+        # Frequencies made on every call, in float32 (as SiT): a buffer would be left uninitialised
+        # by meta-device loading and rounded by model.to(bfloat16). torch.compile folds this away.
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
+        angles = t.float()[:, None] * freqs[None]                  # (N, 128)
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))  # cos first, as SiT
 
 
@@ -293,8 +295,10 @@ class SiT(nn.Module):
 
     def check_inputs(self, x_t, t, y):
         """Clear errors instead of a wrong answer or an opaque shape error deep inside.
-        Shapes are checked always (free). Values cost one host sync, so they are skipped inside
-        torch.compile, where a sync would break the graph."""
+        Shapes are checked always (free). Values cost one host sync per forward: a few tens of
+        microseconds against a training step of tens of milliseconds, so kept in eager mode (a bad
+        label on CUDA would otherwise be an opaque device assert); skipped inside torch.compile,
+        where a sync would break the graph."""
         cfg, n_labels = self.config, self.y_embedder.embedding_table.num_embeddings
         if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
             raise ValueError(f"x_t must be (N, {cfg.in_channels}, H, W), got {tuple(x_t.shape)}")
@@ -341,7 +345,9 @@ def load_sit_checkpoint(model, checkpoint):
     Picks "ema", then "model" if the file holds several state dicts; REPA's `projectors.*` keys
     are returned, not loaded (P is dropped at inference). Time direction: see SiTTimeFlip."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        import argparse                                            # REPA's files hold its args
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = checkpoint.get("ema", checkpoint.get("model", checkpoint))
     projector_state = {k: v for k, v in state.items() if k.startswith("projectors.")}
     state = {k: v for k, v in state.items() if not k.startswith("projectors.")}
@@ -361,7 +367,8 @@ def load_sit_checkpoint(model, checkpoint):
 
 class Projector(nn.Module):
     """Token-wise MLP P: (N, T, D) -> (N, T, out_dim). `depth` Linear layers with SiLU between.
-    A separate module, so the SiT state dict stays plain and P is simply dropped after training."""
+    A separate module, so the SiT state dict stays plain and P is simply dropped after training.
+    Initialised as REPA's projectors (xavier-uniform weights, zero biases)."""
 
     def __init__(self, in_dim, out_dim, depth=5, width=None):
         super().__init__()
@@ -373,6 +380,9 @@ class Projector(nn.Module):
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
         self.mlp = nn.Sequential(*layers[:-1])                     # no activation after the last
+        for layer in self.mlp[::2]:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, h):
         return self.mlp(h)
@@ -446,11 +456,13 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
 
     z (N, C, H, W) clean latents (t = 0 is data), y (N,) labels. projector=None: plain SiT (align = 0).
     The alignment target is f_VAE = z itself, as tokens, or `target` (N, T, d) from any encoder
-    (REPA-style). Alignment counts only for samples with t in t_range. t and eps may be given
-    (for tests); by default t ~ U[0, 1) and eps ~ N(0, I) from the global RNG.
-    Returns {"loss", "denoise", "align"}."""
+    (REPA-style). With a t_range, the alignment term is the mean over the samples whose t lies
+    inside it (so each of them weighs more than with the full range; lam keeps its meaning as
+    the weight of a per-sample average). t and eps may be given (for tests); by default
+    t ~ U[0, 1) and eps ~ N(0, I) from the global RNG. Returns {"loss", "denoise", "align"}."""
     cfg = getattr(model, "module", model).config                   # unwrap DistributedDataParallel
-    t = torch.rand(z.shape[0], device=z.device, dtype=z.dtype) if t is None else t
+    t_dtype = torch.promote_types(z.dtype, torch.float32)          # never bf16 times
+    t = torch.rand(z.shape[0], device=z.device, dtype=t_dtype) if t is None else t
     eps = torch.randn_like(z) if eps is None else eps
     x_t, v_target = interpolate(z, eps, t, path)                   # x_t = (1-t) z + t eps, v = eps - z
     if projector is None:
@@ -475,12 +487,12 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
 # ---------------------------------------------------------------------------------------------
 
 
-def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_interval=(0.0, 1.0), null_label=None):
-    """v(x, t | y) with classifier-free guidance on ALL channels (DiT/SiT guide only 3 of 4, a bug).
-    The conditional and null-label halves run as one doubled batch; outside the interval, and at
-    scale 1, only the conditional pass runs. x in the model's dtype, t a Python float."""
+def guided_velocity(model, x, t, y, cfg_scale=1.0, null_label=None):
+    """v(x, t | y) with classifier-free guidance on ALL channels (DiT/SiT guide only 3 of 4, a bug):
+    v = v_uncond + cfg_scale * (v_cond - v_uncond). The conditional and null-label halves run as one
+    doubled batch (2N); at scale 1 only the conditional pass runs. x in the model's dtype, t a float."""
     t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-    if cfg_scale == 1.0 or not guidance_interval[0] <= t <= guidance_interval[1]:
+    if cfg_scale == 1.0:
         return model(x, t_vec, y)
     null_label = getattr(model, "module", model).config.num_classes if null_label is None else null_label
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_vec, t_vec]),
@@ -488,18 +500,25 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_interval=(0.0, 1.0),
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
+def guidance_scale(t, cfg_scale, guidance_interval):
+    """CFG only for t in [low, high] (REPA: high = 0.7, so the noisiest 30% of steps run unguided)."""
+    return cfg_scale if guidance_interval[0] <= t <= guidance_interval[1] else 1.0
+
+
 @torch.no_grad()
 def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=(0.0, 1.0),
                generator=None, t_last=0.04, path="linear"):
     """The papers' Euler-Maruyama sampler ("SDE, 250 steps"), t = 1 (noise) -> 0 (data).
     Grid linspace(1, t_last, num_steps) then 0; num_steps model calls; state in float64.
-    Reverse SDE with diffusion sigma_t: dx = (v - sigma_t s) dt + sqrt(2 sigma_t) dW, dt < 0.
+    Reverse SDE with diffusion sigma_t: dx = (v - sigma_t s) dt + sqrt(2 sigma_t) dW, dt < 0
+    (SiT's "sigma" form; on the linear path sigma_t = t, as in REPA's sampler).
     Returns x_0 in noise.dtype. `generator` must live on noise.device."""
     times = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.double()
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t                                            # < 0
-        v = guided_velocity(model, x.to(noise.dtype), t, y, cfg_scale, guidance_interval).double()
+        w = guidance_scale(t, cfg_scale, guidance_interval)
+        v = guided_velocity(model, x.to(noise.dtype), t, y, w).double()
         t_vec = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
         s = score_from_velocity(v, x, t_vec, path)                 # score from velocity
         sigma_t = path_coefficients(torch.tensor(t), path)[1].item()
@@ -515,17 +534,19 @@ def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=
 def sample_ode(model, noise, y, num_steps=50, method="heun", cfg_scale=1.0,
                guidance_interval=(0.0, 1.0)):
     """Probability-flow ODE dx/dt = v, t = 1 (noise) -> 0 (data) on linspace(1, 0, num_steps + 1).
-    Euler: num_steps calls. Heun: 2 num_steps - 1 (no corrector on the last step). float64 state."""
+    Euler: num_steps calls. Heun: 2 num_steps - 1 (no corrector on the last step). float64 state.
+    Guidance is decided once per step, at its start t (as REPA), for both Heun evaluations."""
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
     times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-    velocity = lambda x, t: guided_velocity(model, x.to(noise.dtype), t, y, cfg_scale, guidance_interval).double()
+    velocity = lambda x, t, w: guided_velocity(model, x.to(noise.dtype), t, y, w).double()
     x = noise.double()
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        v = velocity(x, t)
+        w = guidance_scale(t, cfg_scale, guidance_interval)
+        v = velocity(x, t, w)
         x_euler = x + v * (t_next - t)                             # Euler predictor
         if method == "heun" and i < num_steps - 1:
-            x = x + 0.5 * (v + velocity(x_euler, t_next)) * (t_next - t)   # trapezoid corrector
+            x = x + 0.5 * (v + velocity(x_euler, t_next, w)) * (t_next - t)   # trapezoid corrector
         else:
             x = x_euler
     return x.to(noise.dtype)
@@ -593,7 +614,8 @@ def _timed(fn, device, warmup, iters):
 
 
 def _train_flops_per_image(model, projector, device):
-    """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode (matmuls, SDPA)."""
+    """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode (matmuls and, on
+    CUDA, the SDPA kernels; on CPU the attention FLOPs are not counted, a few percent)."""
     from torch.utils.flop_counter import FlopCounterMode
     cfg = model.config
     z = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
@@ -612,8 +634,10 @@ def _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offic
     if official is None:
         model = create_sit(name, **overrides).to(device)
     else:                                          # official SiT models.py: same math, no SRA 2 tap
-        model = official.SiT_models[name](**overrides, learn_sigma=False).to(device)
-        model.config = SiTConfig(**{**PRESETS[name], **overrides})
+        config = SiTConfig(**{**PRESETS[name], **overrides})
+        kwargs = {k: v for k, v in vars(config).items() if k not in ("align_depth", "learn_sigma")}
+        model = official.SiT(**kwargs, learn_sigma=False).to(device)
+        model.config = config
     projector = make_projector(model).to(device) if sra else None
     flops = _train_flops_per_image(model, projector, device) if official is None else None
     params = list(model.parameters()) + (list(projector.parameters()) if sra else [])
@@ -640,8 +664,12 @@ def _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offic
     compile_err = float("nan")
     if loss_fn is not eager_fn:                                    # compiled vs eager, same inputs
         t, eps = torch.rand(batch, device=device), torch.randn_like(z)
+        with torch.no_grad():                                      # far from the zero-output init
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        y_null = torch.full_like(y, cfg.num_classes)              # label dropout cannot change these
         with torch.no_grad(), autocast(device):
-            a, b = loss_fn(z, y, t, eps), eager_fn(z, y, t, eps)
+            a, b = loss_fn(z, y_null, t, eps), eager_fn(z, y_null, t, eps)
         compile_err = max(abs(a[k].item() - b[k].item()) / abs(b[k].item()) for k in ("denoise", "align") if b[k])
     return dict(compile_err=compile_err, model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
                 img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak,
@@ -669,8 +697,16 @@ def _matmul_ceiling(device, n):
 
 def benchmark(device, quick=False, official_path=None):
     """Training-step and sampler throughput. quick: tiny sizes for a CPU smoke run."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True                   # "fp32" means fp32/TF32, as SiT
     torch.backends.cudnn.allow_tf32 = True
+    try:
+        return _benchmark(device, quick, official_path)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _benchmark(device, quick, official_path):
     official = None
     if official_path:
         import importlib.util
@@ -693,7 +729,7 @@ def benchmark(device, quick=False, official_path=None):
     rows = []
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
-    header = f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}"
+    header = f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}  (ceiling: the bf16 matmul)"
     print(header)
     for name, batch in cases:
         variants = [(m, s, None) for m in modes for s in (False, True)]
