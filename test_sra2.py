@@ -173,6 +173,27 @@ def test_repa_checkpoint_loads_and_projectors_are_returned():
     assert torch.equal(target.eval()(z, t, y), source.eval()(z, t, y))
 
 
+def test_repa_training_file_with_args_loads_from_disk(tmp_path):
+    import argparse
+    source = perturbed(tiny_sit())
+    path = tmp_path / "0400000.pt"                                 # REPA's train.py layout
+    torch.save({"model": {}, "ema": source.state_dict(), "opt": {}, "args": argparse.Namespace(lr=1e-4)}, path)
+    target = tiny_sit()
+    assert sra2.load_sit_checkpoint(target, path) == {}
+    z, t, y = batch()
+    assert torch.equal(target.eval()(z, t, y), source.eval()(z, t, y))
+
+
+def test_meta_built_model_loads_into_the_same_function():
+    source = perturbed(tiny_sit()).eval()
+    with torch.device("meta"):                                     # how large models are built
+        target = tiny_sit()
+    target = target.to_empty(device="cpu").eval()
+    target.load_state_dict(source.state_dict(), strict=True)
+    z, t, y = batch()
+    assert torch.equal(target(z, t, y), source(z, t, y))
+
+
 def test_checkpoint_with_learn_sigma_mismatch_names_the_fix():
     state = tiny_sit(learn_sigma=True).state_dict()
     with pytest.raises(ValueError, match="learn_sigma=True"):
