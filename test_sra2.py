@@ -1,14 +1,23 @@
-"""Tests for sra2: oracles (the same quantity computed two ways) and invariants, fast on a CPU.
+"""Tests for sra2.py, fid.py and tiny_demo.py: oracles (the same quantity computed two ways) and invariants, fast on a CPU.
 Run: python -m pytest -q"""
+import functools
+import hashlib
 import math
+import os
+import types
 from pathlib import Path
 
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+import scipy.linalg
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from PIL import Image
 
+import fid
 import sra2
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
@@ -722,3 +731,431 @@ def test_cuda_compiled_loss_matches_eager_within_bf16_tolerance():
         compiled, eager = torch.compile(fn, fullgraph=True)(z, y, t, eps), fn(z, y, t, eps)
     for key in ("denoise", "align", "loss"):                       # one bf16 ulp (2^-8) of the value
         assert abs(compiled[key].item() - eager[key].item()) < 2 ** -8 * abs(eager[key].item())
+
+
+# =============================================================================================
+# fid.py: closed forms and the sqrtm reference for the Frechet distance, exact facts for the
+# Inception Score, oracle features from the real pytorch-fid / NVIDIA pipelines, bad input
+# =============================================================================================
+
+FID_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shared" / "weights"
+FID_NOFC = FID_WEIGHTS_DIR / "pt_inception-2015-12-05-nofc.pth"
+FID_NOFC_FP16 = FID_WEIGHTS_DIR / "pt_inception-2015-12-05-nofc-fp16.pth"
+FID_ORACLE = FID_WEIGHTS_DIR / "reference_features.npz"
+needs_fid_weights = pytest.mark.skipif(
+    not (FID_NOFC.is_file() and FID_ORACLE.is_file()),
+    reason=f"FID Inception weights / oracle not found in {FID_WEIGHTS_DIR} (see its README.md)")
+
+
+@functools.lru_cache(maxsize=None)
+def _fid_model():
+    return fid.load_inception(FID_NOFC)  # loaded once for all tests (about a second)
+
+
+def _fid_oracle():
+    with np.load(FID_ORACLE) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _fid_random_stats(seed, d, n):
+    """Sample mean and covariance of n Gaussian-ish points in d dims: rank-deficient when n <= d."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * rng.uniform(0.1, 3)
+    x += rng.standard_normal(d)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _fid_scale(mu1, sigma1, mu2, sigma2):
+    # FID is a difference of traces; errors are measured against the size of its terms.
+    return np.trace(sigma1) + np.trace(sigma2) + np.sum((mu1 - mu2) ** 2) + 1e-12
+
+
+_fid_dims = st.integers(2, 24)
+_fid_seeds = st.integers(0, 2**32 - 1)
+_fid_values = st.floats(-10, 10, allow_subnormal=False)
+
+
+def _fid_sample_stats(draw, d):
+    """Mean and covariance of hypothesis-drawn points: zeros, repeats and N <= d included."""
+    x = draw(hnp.arrays(np.float64, (draw(st.integers(2, 2 * d + 4)), d), elements=_fid_values))
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), d=st.integers(1, 16))
+def test_fid_zero_for_identical_statistics(data, d):
+    mu, sigma = _fid_sample_stats(data.draw, d)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) <= 1e-10 * _fid_scale(mu, sigma, mu, sigma)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), d=st.integers(1, 16))
+def test_fid_symmetric_and_mean_shift_adds_squared_norm(data, d):
+    (mu1, sigma1), (mu2, sigma2) = _fid_sample_stats(data.draw, d), _fid_sample_stats(data.draw, d)
+    forward = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    backward = fid.frechet_distance(mu2, sigma2, mu1, sigma1)
+    scale = _fid_scale(mu1, sigma1, mu2, sigma2)
+    assert abs(forward - backward) <= 1e-10 * scale
+    shift = data.draw(hnp.arrays(np.float64, d, elements=_fid_values))
+    shifted = fid.frechet_distance(mu1 + shift, sigma1, mu2, sigma2)
+    same_mean = fid.frechet_distance(mu2, sigma1, mu2, sigma2)  # only the covariance term
+    expected = same_mean + np.sum((mu1 + shift - mu2) ** 2)
+    assert abs(shifted - expected) <= 1e-10 * (scale + np.sum(shift**2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), d=st.integers(1, 16))
+def test_fid_closed_form_for_rank_one_covariances(data, d):
+    # S1 = u u^T, S2 = v v^T: S1 S2 = (u.v) u v^T has the one eigenvalue (u.v)^2.
+    u, v, d_mu = (data.draw(hnp.arrays(np.float64, d, elements=_fid_values)) for _ in range(3))
+    expected = d_mu @ d_mu + u @ u + v @ v - 2 * abs(u @ v)
+    ours = fid.frechet_distance(d_mu, np.outer(u, u), np.zeros_like(d_mu), np.outer(v, v))
+    assert abs(ours - expected) <= 1e-10 * (d_mu @ d_mu + u @ u + v @ v + 1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=_fid_seeds, d=_fid_dims, commuting=st.booleans(), null_fraction=st.sampled_from([0, 0.3, 1]))
+def test_fid_closed_form_for_diagonal_and_commuting_covariances(seed, d, commuting, null_fraction):
+    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T  =>  FID = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(0, 5, d) ** 2, rng.uniform(0, 5, d) ** 2
+    a[rng.random(d) < null_fraction] = 0  # null directions, up to S1 = 0
+    q = scipy.stats.ortho_group.rvs(d, random_state=seed) if commuting else np.eye(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    sigma1, sigma2 = (q * a) @ q.T, (q * b) @ q.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    ours = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert abs(ours - expected) <= 1e-9 * _fid_scale(mu1, sigma1, mu2, sigma2)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # sqrtm on singular S1 S2
+@settings(max_examples=40, deadline=None)
+@given(seed=_fid_seeds, d=_fid_dims, n1=st.integers(2, 50), n2=st.integers(2, 50))
+def test_fid_equals_sqrtm_reference_including_rank_deficient(seed, d, n1, n2):
+    # n < d draws rank-deficient covariances, where S1 S2 is singular. Continuous random points,
+    # not hypothesis-drawn values: on exactly degenerate ones (repeated points) scipy's sqrtm can
+    # return NaN, and the reference's 1e-6 diagonal offset then moves it by ~1e-6 relative.
+    mu1, sigma1 = _fid_random_stats(seed, d, n1)
+    mu2, sigma2 = _fid_random_stats(seed + 1, d, n2)
+    ours = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    reference = fid.frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2)
+    assert abs(ours - reference) <= 1e-6 * _fid_scale(mu1, sigma1, mu2, sigma2)
+
+
+def test_fid_float32_statistics_are_computed_in_float64():
+    mu1, sigma1 = _fid_random_stats(0, 16, 40)
+    mu2, sigma2 = _fid_random_stats(1, 16, 40)
+    as32 = [v.astype(np.float32) for v in (mu1, sigma1, mu2, sigma2)]
+    as64 = [v.astype(np.float64) for v in as32]
+    assert fid.frechet_distance(*as32) == fid.frechet_distance(*as64)
+
+
+def test_fid_bad_statistics_raise_clear_errors():
+    mu, sigma = _fid_random_stats(0, 8, 20)
+    with pytest.raises(ValueError, match="dimensions"):
+        fid.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
+    with pytest.raises(ValueError, match=r"mu \(D,\) and sigma \(D, D\)"):
+        fid.frechet_distance(mu, sigma[:4], mu, sigma)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fid.frechet_distance(np.where(np.arange(8) == 3, np.nan, mu), sigma, mu, sigma)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fid.frechet_distance(mu, sigma, mu, np.full_like(sigma, np.inf))
+    with pytest.raises(ValueError, match="symmetric"):
+        fid.frechet_distance(mu, sigma + np.triu(np.ones_like(sigma), 1), mu, sigma)
+    q = scipy.stats.ortho_group.rvs(8, random_state=0)
+    indefinite = (q * np.array([-0.5, 1, 1, 2, 2, 3, 3, 4])) @ q.T  # one negative eigenvalue
+    with pytest.raises(ValueError, match="sigma1 is not positive semi-definite"):
+        fid.frechet_distance(mu, indefinite, mu, sigma)
+    with pytest.raises(ValueError, match="sigma2 is not positive semi-definite"):
+        fid.frechet_distance(mu, np.eye(8), mu, indefinite)
+
+
+# ---------------------------------------------------------------- Inception Score
+
+def test_fid_inception_score_of_uniform_predictions_is_one():
+    mean, std = fid.inception_score(np.zeros((50, 1008)), splits=10)
+    assert abs(mean - 1) < 1e-12 and std < 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 40), splits=st.integers(1, 10), per_class=st.integers(1, 3))
+def test_fid_inception_score_of_k_confident_classes_in_equal_shares_is_k(k, splits, per_class):
+    n = splits * k * per_class
+    logits = np.zeros((n, 1008))
+    logits[np.arange(n), np.arange(n) % k] = 60.0  # every split holds each class per_class times
+    mean, std = fid.inception_score(logits, splits=splits)
+    assert abs(mean - k) < 1e-9 * k and std < 1e-9 * k
+
+
+def test_fid_inception_score_bad_input():
+    with pytest.raises(ValueError, match="N >= splits"):
+        fid.inception_score(np.zeros((5, 1008)), splits=10)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fid.inception_score(np.full((20, 1008), np.nan), splits=10)
+
+
+# ---------------------------------------------------------------- streaming statistics
+
+@settings(max_examples=25, deadline=None)
+@given(seed=_fid_seeds, n=st.integers(2, 60), d=st.integers(1, 12), offset=st.sampled_from([0.0, 1e4]))
+def test_fid_feature_stats_stream_equals_numpy(seed, n, d, offset):
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((n, d)) + offset  # a large offset would cancel naive sums
+    stats = fid.FeatureStats()
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, 3), replace=False))
+    for chunk in np.split(features, cuts):
+        stats.update(torch.from_numpy(chunk.astype(np.float32)) if seed % 2 else chunk)
+    features = features.astype(np.float32).astype(np.float64) if seed % 2 else features
+    mu, sigma = stats.mean_cov()
+    assert stats.n == n and mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, features.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.atleast_2d(np.cov(features, rowvar=False)), rtol=1e-9, atol=1e-9)
+
+
+def test_fid_feature_stats_bad_input():
+    stats = fid.FeatureStats()
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.mean_cov()
+    stats.update(np.ones((1, 4)))
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.mean_cov()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stats.update(np.full((2, 4), np.nan))
+    with pytest.raises(ValueError, match="D = 5"):
+        stats.update(np.ones((2, 5)))
+
+
+def test_fid_statistics_npz_round_trip_with_pytorch_fid_keys(tmp_path):
+    mu, sigma = _fid_random_stats(0, 6, 10)
+    fid.save_statistics(tmp_path / "s.npz", mu, sigma, convention="tf")
+    with np.load(tmp_path / "s.npz") as data:  # what pytorch-fid reads
+        np.testing.assert_array_equal(data["mu"], mu)
+        np.testing.assert_array_equal(data["sigma"], sigma)
+    np.savez(tmp_path / "theirs.npz", mu=mu.astype(np.float32), sigma=sigma)  # what it writes
+    loaded_mu, loaded_sigma = fid.load_statistics(tmp_path / "theirs.npz")
+    assert loaded_mu.dtype == np.float64 and np.array_equal(loaded_sigma, sigma)
+    np.savez(tmp_path / "bad.npz", mean=mu)
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        fid.load_statistics(tmp_path / "bad.npz")
+
+
+# ---------------------------------------------------------------- preprocessing and input checks
+
+def test_fid_tf1_resize_is_src_equals_dst_times_scale_clamped():
+    x = torch.tensor([[10.0, 30.0]])  # a 1 x 2 image row, upsampled to 4: src = 0, 0.5, 1, 1.5
+    out = x @ fid._tf1_resize_matrix(2, 4, "cpu").T
+    assert out.tolist() == [[10.0, 20.0, 30.0, 30.0]]  # last sample clamps to the edge
+    down = torch.arange(6.0)[None] @ fid._tf1_resize_matrix(6, 4, "cpu").T  # src = 0, 1.5, 3, 4.5
+    assert down.tolist() == [[0.0, 1.5, 3.0, 4.5]]
+
+
+def test_fid_preprocess_at_299_is_only_the_value_map():
+    images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
+    assert torch.equal(fid.preprocess(images, "tf"), (images.float() - 128) / 128)
+    torch.testing.assert_close(fid.preprocess(images, "pytorch-fid"), images.float() / 255 * 2 - 1)
+    nhwc = images.permute(0, 2, 3, 1).numpy()
+    assert torch.equal(fid.preprocess(nhwc), fid.preprocess(images))
+    with pytest.raises(ValueError, match="convention"):
+        fid.preprocess(images, "clean-fid")
+
+
+class _FidStandIn(torch.nn.Module):
+    """A cheap stand-in for the Inception network: (N, 3, 299, 299) -> (N, 2048) features."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.projection = torch.nn.Parameter(torch.randn(3 * 4, 2048, generator=generator))
+        self.fc, self.seen_precisions, self.seen_batch_sizes = None, [], []
+
+    def forward(self, x):
+        self.seen_precisions.append(_fid_tf32_flags())
+        self.seen_batch_sizes.append(x.shape[0])
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # (N, 12)
+        return pooled @ self.projection, None
+
+
+def _fid_tf32_flags():
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return (torch.get_float32_matmul_precision(), b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision,
+                b.mkldnn.conv.fp32_precision)
+    return (torch.get_float32_matmul_precision(), b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+
+
+def test_fid_bad_images_raise_clear_errors():
+    model = _FidStandIn()
+    with pytest.raises(ValueError, match="empty"):
+        fid.compute_statistics(np.zeros((0, 32, 32, 3), np.uint8), model=model)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid.compute_statistics(np.zeros((1, 32, 32, 3), np.uint8), model=model)
+    with pytest.raises(ValueError, match="3 channels"):
+        fid.compute_statistics(np.zeros((4, 32, 32, 4), np.uint8), model=model)
+    with pytest.raises(ValueError, match="3 channels"):
+        fid.compute_statistics(np.zeros((4, 32, 32), np.uint8), model=model)
+    with pytest.raises(ValueError, match="uint8"):
+        fid.compute_statistics(np.zeros((4, 32, 32, 3), np.float32), model=model)
+    with pytest.raises(ValueError, match="no images"):
+        fid.compute_statistics(iter([]), model=model)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid.compute_statistics(iter([np.zeros((1, 32, 32, 3), np.uint8)]), model=model)
+    with pytest.raises(ValueError, match="fc"):
+        fid.compute_statistics(np.zeros((2, 32, 32, 3), np.uint8), model=model, return_is_logits=True)
+    assert len(model.seen_precisions) == 1  # only the one-image stream got as far as the network
+
+
+def test_fid_batches_are_cut_to_batch_size_and_streams_are_accepted():
+    model, rng = _FidStandIn(), np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+    mu, sigma = fid.compute_statistics(torch.from_numpy(images), model=model, batch_size=2)
+    assert model.seen_batch_sizes == [2, 2, 1]
+    stream = (images[i:j].transpose(0, 2, 3, 1) for i, j in ((0, 3), (3, 5)))  # NHWC numpy batches
+    mu_stream, sigma_stream = fid.compute_statistics(stream, model=model, batch_size=2)
+    assert model.seen_batch_sizes[3:] == [2, 1, 2]
+    np.testing.assert_allclose(mu_stream, mu, rtol=0, atol=1e-6 * np.abs(mu).max())
+    np.testing.assert_allclose(sigma_stream, sigma, rtol=0, atol=1e-6 * np.abs(sigma).max())
+
+
+def test_fid_progress_line_only_when_slow_with_rate_and_time_left(monkeypatch, capsys):
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    fid.compute_statistics(images, model=_FidStandIn(), batch_size=2, progress=True)
+    assert capsys.readouterr().err == ""  # fast: quiet
+    clock = iter(range(0, 1000, 2))  # a slow machine: 2 s between any two looks at the clock
+    monkeypatch.setattr(fid, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    fid.compute_statistics(images, model=_FidStandIn(), batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "2/6 images" in err and "img/s" in err and "s left" in err and err.endswith("s in all\n")
+
+
+def test_fid_tf32_is_off_during_extraction_and_restored_after():
+    b, before = torch.backends, _fid_tf32_flags()
+    try:  # a caller that turned TF32 on
+        torch.set_float32_matmul_precision("high")
+        if hasattr(b.cuda.matmul, "fp32_precision"):
+            b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = "tf32", "tf32"
+            b.mkldnn.conv.fp32_precision = "bf16"
+        caller = _fid_tf32_flags()
+        model = _FidStandIn()
+        images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+        fid.compute_statistics(images, model=model)
+        inside = model.seen_precisions[0]
+        assert inside[0] == "highest" and not {"tf32", "bf16", True} & set(inside[1:])
+        assert _fid_tf32_flags() == caller
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        if hasattr(b.cuda.matmul, "fp32_precision"):
+            b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.mkldnn.conv.fp32_precision = before[1:]
+
+
+# ---------------------------------------------------------------- weights: resolution and download
+
+def test_fid_download_is_checked_and_atomic(tmp_path):
+    source = tmp_path / "remote.pth"
+    source.write_bytes(os.urandom(3000))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    dest = tmp_path / "cache" / "weights.pth"
+    with pytest.raises(ValueError, match="SHA-256"):
+        fid._download(source.as_uri(), dest, "0" * 64)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no partial file left
+    assert fid._download(source.as_uri(), dest, digest).read_bytes() == source.read_bytes()
+    assert list(dest.parent.iterdir()) == [dest]
+
+
+def test_fid_weights_resolution_order_and_missing_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "nowhere.pth").as_uri())
+    with pytest.raises(FileNotFoundError, match=f"{fid.WEIGHTS_ENV}") as error:
+        fid.load_inception()
+    assert str(fid._cache_path()) in str(error.value) and "\n" not in str(error.value)
+    assert not fid._cache_path().exists()  # a failed download leaves nothing behind
+    fid._cache_path().parent.mkdir(parents=True, exist_ok=True)
+    fid._cache_path().touch()
+    assert fid._resolve_weights() == fid._cache_path()
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(tmp_path / "env.pth"))
+    assert fid._resolve_weights() == tmp_path / "env.pth"
+    assert fid._resolve_weights(tmp_path / "arg.pth") == tmp_path / "arg.pth"
+    with pytest.raises(FileNotFoundError, match="arg.pth"):
+        fid.load_inception(tmp_path / "arg.pth")
+
+
+# ---------------------------------------------------------------- the real network
+
+@needs_fid_weights
+@pytest.mark.parametrize("convention", ["tf", "pytorch-fid"])
+def test_fid_features_reproduce_the_oracle(convention):
+    oracle = _fid_oracle()
+    for size in (32, 64, 299):
+        with torch.no_grad():
+            features, logits = _fid_model()(fid.preprocess(oracle[f"images_{size}"], convention))
+        reference = oracle[f"{convention.replace('-', '_')}_{size}"]
+        relative = np.linalg.norm(features.numpy() - reference, axis=1) / np.linalg.norm(reference, axis=1)
+        assert relative.max() < 1e-4, (size, relative)
+        assert logits is None  # the nofc file
+
+
+@needs_fid_weights
+def test_fid_statistics_do_not_depend_on_batching_or_layout():
+    images = _fid_oracle()["images_32"][:4]  # (4, 32, 32, 3) NHWC numpy
+    mu, sigma = fid.compute_statistics(images, model=_fid_model(), batch_size=4)
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    streamed = iter([nchw[:1], nchw[1:]])  # batches of 1 and 3, re-cut to 1, 2, 1
+    mu_b, sigma_b = fid.compute_statistics(streamed, model=_fid_model(), batch_size=2, total=4)
+    np.testing.assert_allclose(mu_b, mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma_b, sigma, rtol=0, atol=1e-5 * np.abs(sigma).max())
+
+
+@needs_fid_weights
+@pytest.mark.skipif(not FID_NOFC_FP16.is_file(), reason=f"{FID_NOFC_FP16} not found")
+def test_fid_fp16_file_with_fc_loads_as_float32_and_logits_have_no_bias(tmp_path):
+    state = torch.load(FID_NOFC_FP16, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state["fc.weight"] = (torch.randn(1008, 2048, generator=generator) / 45).half()
+    state["fc.bias"] = torch.randn(1008, generator=generator).half()
+    torch.save(state, tmp_path / "with_fc.pth")
+    model = fid.load_inception(tmp_path / "with_fc.pth")
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+    oracle = _fid_oracle()
+    mu, _, logits = fid.compute_statistics(oracle["images_299"], model=model, return_is_logits=True)
+    assert logits.shape == (2, 1008)
+    # fp16 weights: ~3e-3 per image (README); far below the 0.3% between the conventions' features
+    reference = oracle["tf_299"].mean(axis=0)
+    assert np.linalg.norm(mu - reference) / np.linalg.norm(reference) < 1e-2
+    weight = model.fc.weight.double().numpy()
+    np.testing.assert_allclose(logits.mean(axis=0), mu @ weight.T, rtol=1e-4, atol=1e-4)  # linear, no bias
+
+
+@needs_fid_weights
+def test_fid_nofc_weights_refuse_inception_score_clearly():
+    with pytest.raises(ValueError, match="fc"):
+        fid.compute_statistics(_fid_oracle()["images_32"][:2], model=_fid_model(), return_is_logits=True)
+
+
+@needs_fid_weights
+def test_fid_cli_saves_folder_statistics_and_names_the_convention(tmp_path, capsys):
+    oracle = _fid_oracle()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(oracle["images_32"][:3]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    fid.main([str(folder), str(tmp_path / "a.npz"), "--save-stats", "--weights", str(FID_NOFC),
+              "--device", "cpu", "--batch-size", "2"])
+    mu, sigma = fid.load_statistics(tmp_path / "a.npz")
+    features = oracle["tf_32"][:3].astype(np.float64)
+    np.testing.assert_allclose(mu, features.mean(axis=0), rtol=0, atol=1e-4 * np.abs(features).max())
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=0, atol=1e-4 * np.abs(sigma).max())
+    # The FID path, on small statistics (a 2048-d FID costs seconds): identical covariances, so
+    # FID = |shift|^2.
+    mu, sigma = _fid_random_stats(0, 16, 40)
+    shift = np.random.default_rng(0).standard_normal(16)
+    fid.save_statistics(tmp_path / "a16.npz", mu, sigma, convention="tf")
+    fid.save_statistics(tmp_path / "b16.npz", mu + shift, sigma, convention="tf")
+    capsys.readouterr()
+    value = fid.main([str(tmp_path / "a16.npz"), str(tmp_path / "b16.npz")])
+    assert f"FID (tf convention): {value:.4f}" in capsys.readouterr().out
+    assert abs(value - np.sum(shift**2)) < 1e-9 * np.sum(shift**2)
+    fid.save_statistics(tmp_path / "c16.npz", mu, sigma, convention="pytorch-fid")
+    with pytest.raises(SystemExit, match="different conventions"):
+        fid.main([str(tmp_path / "a16.npz"), str(tmp_path / "c16.npz")])
