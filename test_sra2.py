@@ -1,11 +1,19 @@
 """Tests for sra2.py, fid.py and tiny_demo.py: oracles (the same quantity computed two ways) and invariants, fast on a CPU.
 Run: python -m pytest -q"""
 import functools
+import gzip
 import hashlib
+import io
+import json
 import math
 import os
+import pickle
+import subprocess
+import sys
+import tarfile
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -19,6 +27,7 @@ from PIL import Image
 
 import fid
 import sra2
+import tiny_demo
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -1159,3 +1168,382 @@ def test_fid_cli_saves_folder_statistics_and_names_the_convention(tmp_path, caps
     fid.save_statistics(tmp_path / "c16.npz", mu, sigma, convention="pytorch-fid")
     with pytest.raises(SystemExit, match="different conventions"):
         fid.main([str(tmp_path / "a16.npz"), str(tmp_path / "c16.npz")])
+
+
+# =============================================================================================
+# tiny_demo.py: the whole pipeline with tiny settings, its pieces checked against independent
+# computations, and one clear line for each bad input
+# =============================================================================================
+
+HERE = Path(__file__).resolve().parent
+WEIGHTS = HERE.parent / "shared" / "weights" / "pt_inception-2015-12-05-nofc.pth"
+needs_inception = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"FID Inception weights not at {WEIGHTS}")
+
+# The smallest settings that still run every stage: 64 synthetic images, a width-8 VAE, the tiny
+# SiT, 5 checkpoints with 3-image FIDs. Seconds on a CPU, numbers meaningless.
+TINY = ["--quick", "--steps", "10", "--batch-size", "8", "--n-images", "64", "--vae-steps", "4",
+        "--vae-batch", "8", "--vae-width", "8", "--evals", "5", "--fid-n", "3", "--final-fid-n", "3",
+        "--fid-ref-n", "6", "--fid-sampling-steps", "2", "--final-sampling-steps", "3", "--log-every", "2",
+        "--sample-batch", "8", "--device", "cpu"]
+
+
+def run_demo(tmp_path, *extra):
+    return tiny_demo.main([*TINY, "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+                           "--inception", str(WEIGHTS), *extra])
+
+
+def error_line(capsys, argv):
+    """Run main(argv), expect exit status 2, return the one line it printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_demo.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def write_cifar_folder(root, n_per_batch=4, seed=0):
+    """A fake cifar-10-batches-py folder in the official format (R, G, B planes of 32x32)."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (5 * n_per_batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 5 * n_per_batch)
+    for k in range(5):
+        part = slice(k * n_per_batch, (k + 1) * n_per_batch)
+        rows = images[part].transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
+        with open(folder / f"data_batch_{k + 1}", "wb") as f:
+            pickle.dump({b"data": rows, b"labels": labels[part].tolist()}, f, protocol=2)
+    return folder, images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_inception
+def test_whole_pipeline_writes_table_pngs_and_finite_fids(tmp_path):
+    records = run_demo(tmp_path)
+    out = tmp_path / "out"
+    table = (out / "table.txt").read_text()
+    assert "Table 2 in miniature" in table and "QUICK MODE" in table and "SYNTHETIC" in table
+    assert "speed-up" in table and "VAE reconstruction floor" in table
+    pngs = ["fid_vs_steps.png", "fid_vs_time.png", "loss_curves.png", "samples_final.png",
+            "vae_reconstructions.png"] + [f"samples_step{s:06d}.png" for s in (2, 4, 6, 8, 10)]
+    for name in pngs:
+        with Image.open(out / name) as image:                          # a real PNG, not an empty file
+            assert image.format == "PNG" and image.width > 100
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 and all(math.isfinite(v) for v in results["floor"].values())
+    for run in results["runs"]:
+        assert [e["step"] for e in run["evals"]] == [2, 4, 6, 8, 10]  # 5 checkpoints, last = final step
+        assert all(math.isfinite(e["fid"]) and e["fid"] > 0 for e in run["evals"])
+        assert math.isfinite(run["final_fid"]) and run["wall"] > 0
+    base, sra = records["baseline", 0], records["sra2", 0]
+    assert all(e["align"] == 0 for e in base["log"]) and all(e["align"] > 0 for e in sra["log"])
+    # Matched grids: same noise and labels, so the samples at init-equal weights would be equal;
+    # here at least the shapes match and the runs differ (the alignment changed the weights).
+    assert base["grids"][10].shape == sra["grids"][10].shape == (3, 32, 32, 3)
+    # The checkpoint loads without unpickling code and holds everything a resume needs.
+    ckpt = torch.load(out / "ckpt" / "sra2.pt", weights_only=True)
+    assert ckpt["step"] == 10 and set(ckpt) >= {"model", "ema", "projector", "optimizer", "rng", "settings", "record"}
+    assert ckpt["record"]["final_fid"] == sra["final_fid"] and torch.equal(ckpt["record"]["grids"][10], sra["grids"][10])
+    model = sra2.create_sit("SiT-S/2", depth=4, hidden_size=128, num_heads=2, input_size=16, num_classes=10)
+    model.load_state_dict(ckpt["ema"])                                 # P is separate: a plain SiT
+    assert not list((out / "ckpt").glob("*.tmp*"))                     # no temporary file left behind
+
+
+class FakeFID:
+    """Stands in for the Inception FID where a test checks plumbing, not FID: a number per image set."""
+
+    def __init__(self, s, images, data_id, device):
+        pass
+
+    def __call__(self, images):
+        return 1.0 + float(np.asarray(images, np.float64).mean())
+
+
+def test_ablation_prints_table_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    records = tiny_demo.main([*TINY, "--ablate", "--steps", "4", "--evals", "1", "--out", str(tmp_path / "out"),
+                              "--cache", str(tmp_path / "cache")])
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "Table 1 in miniature" in table
+    for row in ["vanilla SiT", "align depth", "[0, 0.5]", "cosine", "L1", "L2", "0.1", "2 layers"]:
+        assert row in table, row
+    assert len(records) == 10                                          # the default SRA 2 run is shared
+    assert {r["settings"] for r in records.values()} >= {"vanilla", "block 3, smooth_l1, lambda 1, t in [0, 1], 5-layer MLP",
+                                                          "block 2, cosine, lambda 1, t in [0, 1], 5-layer MLP"}
+    assert all(len(r["evals"]) == 1 for r in records.values())         # FID at the end only
+
+
+def test_two_seeds_give_a_mean_row_and_speedup(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    tiny_demo.main([*TINY, "--seed", "0,1", "--steps", "6", "--evals", "3", "--out", str(tmp_path / "out"),
+                    "--cache", str(tmp_path / "cache")])
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "(mean)" in table and "seed 1" in table and "seed mean" in table
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["step_fraction_to_baseline_fid"]) == {"0", "1", "mean"} and len(results["runs"]) == 4
+
+
+def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
+    """Baseline and SRA 2 differ only by the projector: same SiT init, same batches, same t, eps and
+    label dropout. With lambda = 0 the alignment cannot move the SiT, so both end identical."""
+    s = tiny_demo.parse_args([*TINY, "--evals", "1", "--ckpt-minutes", "0"])
+    tiny_demo.check(s)
+    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16))
+    labels = torch.randint(0, 10, (32,))
+    ema_weights = []                                                   # EMA state at each evaluation
+    monkeypatch.setattr(tiny_demo, "generate", lambda ema, stage, n, *a, **k: (
+        ema_weights.append({k: v.clone() for k, v in ema.state_dict().items()}), torch.zeros(n, 32, 32, 3, dtype=torch.uint8))[1])
+    for run in (tiny_demo.make_run(s, "baseline", "b", False), tiny_demo.make_run(s, "sra2", "a", True, lam=0.0)):
+        torch.manual_seed(123)                                         # each run must reseed by itself
+        tiny_demo.train_run(run, stage, labels, s, torch.device("cpu"), lambda images: 1.0, tmp_path)
+    baseline, aligned = ema_weights[0], ema_weights[2]                 # [1], [3]: the final FID's calls
+    assert all(torch.allclose(baseline[k], aligned[k], atol=1e-6) for k in baseline)
+    assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], tiny_demo.build(s, run, torch.device("cpu"))[0].state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_nonfinite_loss_stops_with_the_step(tmp_path, monkeypatch):
+    s = tiny_demo.parse_args(TINY)
+    tiny_demo.check(s)
+    real_loss, calls = sra2.training_loss, []
+
+    def poisoned(*args, **kwargs):                                     # NaN from the 4th step on
+        calls.append(1)
+        parts = real_loss(*args, **kwargs)
+        return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) >= 4 else parts
+    monkeypatch.setattr(sra2, "training_loss", poisoned)
+    monkeypatch.setattr(tiny_demo, "generate", lambda model, stage, n, *a, **k: torch.zeros(n, 32, 32, 3, dtype=torch.uint8))
+    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16))
+    with pytest.raises(tiny_demo.DemoError, match="loss is nan at step 4"):
+        tiny_demo.train_run(tiny_demo.make_run(s, "baseline", "b", False), stage, torch.randint(0, 10, (32,)),
+                            s, torch.device("cpu"), lambda images: 1.0, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces against independent computations
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 30), d=st.integers(2, 40), seed=st.integers(0, 2**16))
+def test_small_fid_shortcut_equals_fid_py(n, d, seed):
+    """tr((S_ref S_gen)^1/2) through the n x n problem equals fid.frechet_distance on (mu, cov)."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, d) + rng.normal(size=d)
+    a = rng.normal(size=(d, d + 3))
+    mu_ref, sigma_ref = rng.normal(size=d), a @ a.T / (d + 3)
+    expected = fid.frechet_distance(mu_ref, sigma_ref, features.mean(0), np.cov(features, rowvar=False))
+    assert tiny_demo.fid_small(features, mu_ref, sigma_ref) == pytest.approx(expected, rel=1e-7, abs=1e-7)
+
+
+@needs_inception
+def test_fid_meter_features_match_fid_compute_statistics(tmp_path):
+    """The shortcut's features are fid.py's: their mean and covariance are compute_statistics'."""
+    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--inception", str(WEIGHTS)])
+    images, _ = tiny_demo.synthetic_images(8, seed=1)
+    meter = tiny_demo.FIDMeter(s, images, "test", torch.device("cpu"))
+    features = meter.features(images[4:8])
+    mu, sigma = fid.compute_statistics(images[4:8], meter.model)
+    assert np.allclose(features.mean(0), mu, atol=1e-5) and np.allclose(np.cov(features, rowvar=False), sigma, atol=1e-5)
+    assert np.isfinite(meter(images[4:8])) and (tmp_path / "fid-ref-{}.npz".format(
+        tiny_demo.digest("test", 6, "tf", WEIGHTS.name, WEIGHTS.stat().st_size))).is_file()
+
+
+def test_fid_meter_shortcut_and_fid_py_paths_agree(monkeypatch):
+    """Through FIDMeter: the n x n shortcut and fid.compute_statistics + frechet_distance, with a
+    cheap stand-in network (6 features per image) so that both paths run in milliseconds."""
+    class MeanStd(torch.nn.Module):
+        def forward(self, x):                                          # (N, 3, 299, 299) -> (N, 6)
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1), None
+    meter = object.__new__(tiny_demo.FIDMeter)
+    meter.device, meter.model = torch.device("cpu"), MeanStd()
+    meter.mu, meter.sigma = fid.compute_statistics(tiny_demo.synthetic_images(40, seed=2)[0], meter.model, device="cpu")
+    images = tiny_demo.synthetic_images(30, seed=3)[0]
+    shortcut = meter(images)
+    monkeypatch.setattr(tiny_demo, "SMALL_FID", 0)
+    assert meter(images) == pytest.approx(shortcut, rel=1e-6) and shortcut > 0
+
+
+def test_read_cifar_folder_and_archive_agree(tmp_path):
+    folder, images, labels = write_cifar_folder(tmp_path / "data")
+    for path in (folder, folder.parent):                               # the folder or its parent
+        got_images, got_labels = tiny_demo.read_cifar(path)
+        assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    got_images, got_labels = tiny_demo.read_cifar(archive)
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+
+
+def test_read_cifar_layout_is_rgb_planes():
+    """Row layout of the official files: 1024 R, then 1024 G, then 1024 B, row-major 32x32."""
+    row = np.zeros((1, 3072), np.uint8)
+    row[0, 0], row[0, 1024 + 33], row[0, 2048 + 1023] = 10, 20, 30     # R(0,0), G(1,1), B(31,31)
+    raw = pickle.dumps({b"data": row, b"labels": [3]})
+    image, label = tiny_demo.parse_cifar_batch("x", raw)
+    assert image[0, 0, 0, 0] == 10 and image[0, 1, 1, 1] == 20 and image[0, 31, 31, 2] == 30 and label[0] == 3
+
+
+def test_download_keeps_only_a_verified_archive(tmp_path, monkeypatch):
+    payload = b"not really cifar" * 1000
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(payload))}
+
+        def __enter__(self):
+            return self
+
+    monkeypatch.setattr(tiny_demo.urllib.request, "urlopen", lambda *a, **k: Response(payload))
+    with pytest.raises(tiny_demo.DemoError, match="MD5 is wrong"):
+        tiny_demo.download_cifar(tmp_path)
+    assert list(tmp_path.iterdir()) == []                              # nothing half-written survives
+
+    class Broken(Response):
+        def read(self, n=-1):
+            raise ConnectionResetError("connection reset")
+    monkeypatch.setattr(tiny_demo.urllib.request, "urlopen", lambda *a, **k: Broken(payload))
+    with pytest.raises(tiny_demo.DemoError, match="could not download"):
+        tiny_demo.download_cifar(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(tiny_demo.urllib.request, "urlopen", lambda *a, **k: Response(payload))
+    monkeypatch.setattr(tiny_demo, "CIFAR_MD5", hashlib.md5(payload).hexdigest())
+    archive = tiny_demo.download_cifar(tmp_path)
+    assert archive.read_bytes() == payload and [p.name for p in tmp_path.iterdir()] == [archive.name]
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_step():
+    n, b = 50, 8
+    epoch = [tiny_demo.batch_indices(k, n, b, seed=3) for k in range(n // b)]
+    seen = torch.cat([idx for idx, _ in epoch])
+    assert len(set(seen.tolist())) == len(seen) == (n // b) * b        # each image at most once per epoch
+    again = tiny_demo.batch_indices(2, n, b, seed=3)                   # out of order, after other keys
+    tiny_demo.batch_indices(100, n, b, seed=4)
+    assert torch.equal(tiny_demo.batch_indices(2, n, b, seed=3)[0], again[0]) and torch.equal(again[0], epoch[2][0])
+    next_epoch = torch.cat([tiny_demo.batch_indices(k, n, b, seed=3)[0] for k in range(n // b, 2 * (n // b))])
+    assert not torch.equal(next_epoch, seen)                           # a fresh permutation per epoch
+
+
+def test_stage1_cache_is_keyed_by_settings_and_latents_are_normalised(tmp_path):
+    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--vae-steps", "2"])
+    tiny_demo.check(s)
+    images, _ = tiny_demo.synthetic_images(16)
+    first = tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
+    assert abs(first.latents.mean()) < 0.02 and abs(first.latents.std() - 1) < 0.02
+    assert first.latents.shape == (2, 16, 4, 16, 16)
+    again = tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
+    assert torch.equal(first.latents, again.latents) and len(list(tmp_path.glob("stage1-*.pt"))) == 1
+    s.vae_kl = 1e-3
+    tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
+    tiny_demo.stage1(images, "data-b", s, torch.device("cpu"))
+    assert len(list(tmp_path.glob("stage1-*.pt"))) == 3                # new settings, new data: new keys
+    # the mirror latents are the encodings of the mirrored images
+    x = tiny_demo.to_float(torch.from_numpy(images[:2]))
+    mirror = (first.vae.encode(x.flip(3))[0] - first.shift) * first.scale
+    assert torch.allclose(mirror, first.latents[1, :2], atol=2e-2)     # stored in float16
+
+
+def test_reach_interpolates_between_checkpoints():
+    steps = [100, 200, 300, 400]
+    assert tiny_demo.reach(steps, [50, 40, 30, 20], 35) == (250, True)
+    assert tiny_demo.reach(steps, [30, 25, 20, 10], 35) == (100, False)   # reached before the first
+    assert tiny_demo.reach(steps, [50, 45, 44, 43], 40) == (None, True)
+
+
+def test_charts_and_grids_are_pngs(tmp_path):
+    tiny_demo.line_chart(tmp_path / "c.png", [("a", [1, 2, 3], [300, 100, 30]), ("b", [1, 2, 3], [310, 90, 25])],
+                         "t", "x", "y", logy=True, note="note")
+    with Image.open(tmp_path / "c.png") as image:
+        assert image.size == (900, 560)
+    grid = np.asarray(tiny_demo.image_grid(np.full((3, 4, 5, 3), 7, np.uint8), ncol=2, pad=1))
+    assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)                     # 2 rows of 4 px, 2 cols of 5 px
+    assert (grid[1:5, 1:6] == 7).all() and (grid[6:10, 7:12] == 255).all()   # 4th cell empty
+
+
+def test_synthetic_data_is_deterministic_and_class_dependent():
+    a, la = tiny_demo.synthetic_images(200, seed=5)
+    b, lb = tiny_demo.synthetic_images(200, seed=5)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and a.dtype == np.uint8
+    means = np.stack([a[la == k].reshape(-1, 3).mean(0) for k in range(10) if (la == k).any()])
+    assert np.ptp(means, axis=0).max() > 10                            # classes differ in colour
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear line each, exit status 2, before any heavy work
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_data_path(tmp_path, capsys):
+    line = error_line(capsys, [*TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert "no such file or folder" in line and "nowhere" in line
+
+
+def test_folder_without_batches(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = error_line(capsys, [*TINY, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert "not a CIFAR-10 python folder" in line and "data_batch_1" in line
+
+
+def test_corrupt_batch_file(tmp_path, capsys):
+    folder, _, _ = write_cifar_folder(tmp_path / "data")
+    (folder / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    line = error_line(capsys, [*TINY, "--data", str(folder), "--out", str(tmp_path / "o")])
+    assert "data_batch_3: corrupt CIFAR-10 batch file" in line
+
+
+def test_batch_file_that_would_run_code(tmp_path, capsys):
+    folder, _, _ = write_cifar_folder(tmp_path / "data")
+    (folder / "data_batch_2").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")   # os.system('echo pwned')
+    line = error_line(capsys, [*TINY, "--data", str(folder), "--out", str(tmp_path / "o")])
+    assert "corrupt CIFAR-10 batch file" in line and "refusing to load" in line
+
+
+def test_truncated_archive(tmp_path, capsys):
+    folder, _, _ = write_cifar_folder(tmp_path / "data", n_per_batch=50)
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    line = error_line(capsys, [*TINY, "--data", str(archive), "--out", str(tmp_path / "o")])
+    assert "corrupt or truncated archive" in line
+
+
+def test_not_an_archive(tmp_path, capsys):
+    (tmp_path / "x.tar.gz").write_bytes(gzip.compress(b"hello"))
+    line = error_line(capsys, [*TINY, "--data", str(tmp_path / "x.tar.gz"), "--out", str(tmp_path / "o")])
+    assert "x.tar.gz" in line and ("corrupt" in line or "not the CIFAR-10" in line)
+
+
+def test_align_depth_beyond_model_depth(tmp_path, capsys):
+    line = error_line(capsys, [*TINY, "--align-depth", "5", "--out", str(tmp_path / "o")])
+    assert "--align-depth 5 is beyond tiny's 4 blocks" in line
+    line = error_line(capsys, ["--model", "SiT-B/2", "--align-depth", "13", "--out", str(tmp_path / "o")])
+    assert "choose 1..12" in line
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--fid-n", "--evals"])
+def test_zero_counts(tmp_path, capsys, flag):
+    line = error_line(capsys, [*TINY, flag, "0", "--out", str(tmp_path / "o")])
+    assert flag in line and "got 0" in line
+
+
+def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
+    line = error_line(capsys, [*TINY, "--batch-size", "65", "--out", str(tmp_path / "o"), "--cache", str(tmp_path)])
+    assert "more than the 64 training images" in line
+    line = error_line(capsys, [*TINY, "--t-range", "0.5", "0.2", "--out", str(tmp_path / "o")])
+    assert "--t-range" in line
+
+
+def test_bad_input_is_one_line_from_the_command_line(tmp_path):
+    """The real process: status 2, one line on stderr, no traceback."""
+    result = subprocess.run([sys.executable, str(HERE / "tiny_demo.py"), "--batch-size", "0",
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tiny_demo: error: --batch-size must be >= 1, got 0"
+
+

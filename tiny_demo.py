@@ -1,0 +1,1184 @@
+#!/usr/bin/env python3
+"""tiny_demo.py: does SRA 2 make a diffusion transformer converge faster? CIFAR-10, one GPU, minutes.
+
+    python tiny_demo.py                       # the demo (one GPU; --help lists every knob)
+    python tiny_demo.py --quick               # CPU smoke test of the whole pipeline (synthetic data)
+    python tiny_demo.py --ablate              # Table 1 of the paper in miniature
+
+Pipeline
+  1. Data     CIFAR-10 train (50,000 32x32 images), downloaded once from the official archive (MD5
+              checked, written to a temporary file and renamed) into --cache; or --data PATH (a
+              cifar-10-batches-py folder or the .tar.gz). Horizontal flips for training.
+  2. Stage 1  A small KL-regularised conv VAE, 32x32x3 -> 16x16x4 (downsample 2, so SiT-?/2 sees
+              8x8 = 64 tokens of p*p*C = 16 values, the SD-VAE's token size), trained here. The set
+              and its mirror image are encoded once and cached, keyed by a hash of the VAE settings
+              and of the data. That is the paper's premise made concrete: f_VAE exists before stage 2.
+  3. Stage 2  SiT on the latents, class-conditional (10 classes, label dropout 0.1), trained twice
+              with the same seed, init, data order, noise draws, steps and batch: the baseline, and
+              SRA 2 (projector P on block align_depth pulled toward the clean latent).
+  4. Measure  FID against the training images (protocol below), both loss terms, training wall
+              time; Table 2 in miniature and the speed-up: the fraction of steps (and of wall time)
+              SRA 2 needs to reach the baseline's final FID.
+  5. Pictures PNGs written with pillow: FID vs steps, FID vs wall-clock, loss curves, sample grids
+              of both runs at matched steps (same noise, same labels), VAE reconstructions.
+
+Conventions are sra2.py's: t = 0 data, t = 1 noise, x_t = (1 - t) z + t eps, v = eps - z.
+z (N, 4, 16, 16) is the normalised VAE latent, which is also f_VAE, the alignment target.
+
+FID protocol (all FIDs use the EMA weights, no CFG, and fid.py's "tf" convention)
+  - reference: Inception statistics of the first --fid-ref-n training images (all 50,000 by
+    default), cached;
+  - at --evals checkpoints, evenly spaced, the last one at the final step: FID of --fid-n images
+    (2,000) from the Euler-Maruyama SDE with --fid-sampling-steps (50) steps. The speed-up is read
+    off these curves, by linear interpolation between checkpoints;
+  - at the end of each run: FID of --final-fid-n images (5,000) with the paper's 250-step sampler;
+  - the floor: the same FIDs of VAE reconstructions of real training images (what a perfect
+    diffusion model would score through this decoder);
+  - noise and labels (class i % 10 for image i) come from a fixed sampling seed, so both runs and
+    every checkpoint are judged on the same draws.
+  FID-2k and FID-5k are biased upward against FID-50k; compare them only with each other.
+
+Outputs, all under --out: table.txt (what is printed at the end), results.json (every setting and
+number), log.txt, fid_vs_steps.png, fid_vs_time.png, loss_curves.png, samples_stepNNNNNN.png (both
+runs side by side at each checkpoint), samples_final.png, vae_reconstructions.png, ckpt/<run>.pt.
+Cache (--cache): cifar-10-python.tar.gz, stage1-<key>.pt (VAE + latents), fid-ref-<key>.npz.
+
+Time (ESTIMATED, no GPU run yet): the default run, data and stage 1 cached, about 4.6 min on one
+H100 at an assumed 120 TFLOP/s bf16 (3.4 min at 180, 5.4 min at 100), from FLOPs counted here
+(torch's FlopCounterMode): a training step at batch 256 is 2.11 TFLOP (baseline) / 2.31 TFLOP
+(SRA 2, +10%: the projector is large next to S/2), 4,000 steps of each = 17.7 PFLOP; sampling
+(2 x 5 x 2,000 images x 50 steps + 2 x 5,000 x 250, at 2.74 GFLOP per image and step) = 9.6
+PFLOP; plus ~50 s of Inception (37,000 images x 11.4 GFLOP in fp32), Frechet distances, start-up,
+optimizer/EMA overhead and checkpoints. The first run adds the download, stage 1 (3,000 VAE steps
+x 256 x 3.4 GFLOP, about a minute) and the reference statistics (50,000 Inception passes, ~20 s).
+Measure before a long run: `python sra2.py --bench` times training steps; a demo run with
+`--steps 100 --evals 1` shows this model's rate in its progress line.
+
+Choices (and why)
+  - VAE: width 64 (1.6M parameters), latent 4 channels, MSE + 1e-5 x KL (per element), 3,000 steps
+    of batch 256 (about a minute on an H100), seed fixed (one VAE for every --seed, as the SD-VAE
+    is fixed in the paper). The KL only keeps the posterior tame; the latents are then normalised
+    to mean 0 and std 1 by a measured shift and scale (the SD-VAE's 0.18215 is this scale for its
+    latents). The cache stores the posterior means of both flips (REPA-style precomputed latents),
+    so a flipped image gets its own true latent. On CIFAR-10, a width-32 version of it reached
+    MSE 0.0067 (PSNR 28 dB) after 400 CPU steps of batch 64.
+  - Stage 2 default: SiT-S/2 (12 blocks, D = 384, 32.5M parameters; P adds 2.1M, dropped at
+    inference), the paper's smallest /2 preset: B/2 costs 4x the FLOPs and would not fit two runs
+    of meaningful length into 5 minutes. Batch 256, AdamW lr 3e-4
+    (constant, weight decay 0, betas 0.9/0.999), gradient clip 1.0 (as REPA), 4,000 steps (20
+    epochs), bf16 autocast on CUDA. The paper's lr 1e-4 is for 400K steps; a run of minutes needs
+    more, and the same lr is used for both runs. SRA 2: block 2 (the paper's choice for 12-block
+    models), 5-layer projector of width 2D, smooth-L1 (beta 0.05), lambda 1, t in [0, 1].
+  - EMA: decay min(0.9999, (1 + k) / (10 + k)) at step k. A fixed 0.9999 would still be mostly the
+    initial weights after 4,000 steps; this warm-up averages roughly the last tenth of the run.
+  - Same data order: the batch of step k is a pure function of (seed, k) (a fresh permutation and
+    flip pattern per epoch), so both runs see identical batches and a resumed run needs only k.
+    Same noise: the global RNG is reseeded after the models are built, so t, eps and the label
+    dropout are drawn identically in both runs (training_loss draws them in the same order).
+  - Checkpoints: every --ckpt-minutes and at the end of each run, out/ckpt/<run>.pt, written to a
+    temporary file and renamed; model, EMA, projector, optimizer, step, settings, RNG states and
+    history, all plain tensors and Python values, so torch.load(weights_only=True) reads them.
+  - Small FIDs (<= 256 images: --quick and the tests on a CPU) take a shortcut that is exact, not
+    approximate: with S_gen = B^T B (B the n x 2048 centred features / sqrt(n - 1)),
+    tr((S_ref S_gen)^1/2) = tr((B S_ref B^T)^1/2), an n x n eigenproblem instead of 2048 x 2048.
+    Larger FIDs go through fid.compute_statistics and fid.frechet_distance unchanged.
+  - --quick: synthetic images (coloured shapes, a class per shape and hue) unless --data is given,
+    a 4-block D = 128 SiT, a width-16 VAE, a handful of FID images, one CPU thread (OpenMP threads
+    spin-wait on each other: on a busy 2-core machine 2 threads ran it in 239 s, 1 thread in 51 s).
+    It checks that everything runs; its numbers mean nothing, and every table and chart says so.
+"""
+import argparse
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+
+import fid
+import sra2
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+SMALL_FID = 256          # up to this many images, FID takes the exact n x n shortcut (see docstring)
+VAE_SEED = 0             # one VAE for every --seed: stage 1 is given, like the SD-VAE is in the paper
+
+# Models beyond the paper's presets, for CPU runs: (preset, overrides). Head dim 64 as in SiT.
+DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2))}
+
+# Mode defaults: every knob below is also a flag; a flag given on the command line wins.
+DEFAULTS = {
+    "full": dict(model="SiT-S/2", steps=4000, batch_size=256, lr=3e-4, n_images=None,
+                 vae_width=64, vae_steps=3000, vae_batch=256, evals=5, fid_n=2000,
+                 fid_sampling_steps=50, final_fid_n=5000, final_sampling_steps=250,
+                 fid_ref_n=50000, sample_batch=1000, log_every=50),
+    "quick": dict(model="tiny", steps=60, batch_size=32, lr=1e-3, n_images=1024,
+                  vae_width=16, vae_steps=80, vae_batch=32, evals=5, fid_n=8,
+                  fid_sampling_steps=10, final_fid_n=12, final_sampling_steps=25,
+                  fid_ref_n=32, sample_batch=64, log_every=5),
+}
+
+
+class DemoError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small utilities: one-line logging, progress line, atomic files, time formatting
+# ---------------------------------------------------------------------------------------------
+
+
+LOG_FILE = None
+
+
+def say(*lines):
+    """Print and append to out/log.txt, so the log holds exactly what the user saw."""
+    for line in lines:
+        print(line, flush=True)
+        if LOG_FILE is not None:
+            with open(LOG_FILE, "a") as f:
+                f.write(line + "\n")
+
+
+def fmt_time(seconds):
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f}s"
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """A status line with rate and time left: redrawn in place on a terminal, else one line every
+    15 s (logs stay short). `elapsed` may be passed in, so pauses (evaluations) don't count."""
+
+    def __init__(self, label, total, unit="it"):
+        self.label, self.total, self.unit = label, total, unit
+        self.start = self.last = time.perf_counter()
+        self.tty, self.shown = sys.stdout.isatty(), False
+
+    def update(self, done, note="", elapsed=None, force=False):
+        now = time.perf_counter()
+        if not force and done < self.total and now - self.last < (0.5 if self.tty else 15):
+            return
+        self.last = now
+        elapsed = now - self.start if elapsed is None else elapsed
+        rate = done / max(elapsed, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else 0
+        line = (f"{self.label} {done}/{self.total}  {rate:.1f} {self.unit}/s  "
+                f"{fmt_time(left)} left  {note}").rstrip()
+        if self.tty:
+            print("\r" + line.ljust(100)[:160], end="", flush=True)
+            self.shown = True
+        else:
+            print(line, flush=True)
+
+    def close(self):
+        if self.shown:
+            print(flush=True)
+
+
+def atomic_save(path, write):
+    """write(tmp_path), then rename onto `path`: an interruption never leaves a half-written file
+    under the real name (os.replace is atomic on one filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")   # suffix kept: np.savez
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def digest(*parts):
+    """Short hash of JSON-able settings and byte strings: the cache key."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: CIFAR-10 from the official archive or a folder, or synthetic shapes
+# ---------------------------------------------------------------------------------------------
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are pickles; this loads numpy arrays and plain values and refuses any
+    other global, so a doctored data file cannot run code."""
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy.core.numeric", "_frombuffer"), ("_codecs", "encode")})
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def parse_cifar_batch(name, raw):
+    """One pickled batch -> (images uint8 (n, 32, 32, 3), labels int64 (n,))."""
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as error:                                         # a bad pickle can raise anything
+        raise DemoError(f"{name}: corrupt CIFAR-10 batch file ({type(error).__name__}: {error})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DemoError(f"{name}: corrupt CIFAR-10 batch file (data {data.dtype} {data.shape}, "
+                        f"{len(labels)} labels; expected uint8 (n, 3072) and n labels)")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DemoError(f"{name}: corrupt CIFAR-10 batch file (labels outside 0..9)")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels    # R,G,B planes -> NHWC
+
+
+def read_cifar(path):
+    """CIFAR-10 train split from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
+    path = Path(path).expanduser()
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    if not path.exists():
+        raise DemoError(f"--data {path}: no such file or folder")
+    if path.is_dir():
+        folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DemoError(f"--data {path}: not a CIFAR-10 python folder ({', '.join(missing)} missing)")
+        raws = [(str(folder / n), (folder / n).read_bytes()) for n in names]
+    else:
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                missing = [n for n in names if n not in members]
+                if missing:
+                    raise DemoError(f"{path}: not the CIFAR-10 python archive ({', '.join(missing)} missing)")
+                raws = [(f"{path}:{n}", tar.extractfile(members[n]).read()) for n in names]
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+            raise DemoError(f"{path}: corrupt or truncated archive ({type(error).__name__}: {error})") from None
+    parts = [parse_cifar_batch(name, raw) for name, raw in raws]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def md5_of(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_cifar(cache):
+    """The official archive in `cache`, downloaded once; only a file with the right MD5 is kept."""
+    archive = Path(cache) / "cifar-10-python.tar.gz"
+    if archive.is_file():
+        if md5_of(archive) != CIFAR_MD5:
+            raise DemoError(f"{archive}: MD5 mismatch (corrupt file); delete it to download again")
+        return archive
+
+    def fetch(tmp):
+        try:
+            with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, open(tmp, "wb") as f:
+                total = int(response.headers.get("Content-Length") or 170498071)
+                bar, done = Progress("download CIFAR-10", total // 2**20, "MiB"), 0
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    bar.update(done // 2**20)
+                bar.close()
+        except OSError as error:
+            raise DemoError(f"could not download {CIFAR_URL} ({error}); pass --data PATH to a local "
+                            "copy (a cifar-10-batches-py folder or the .tar.gz)") from None
+        if md5_of(tmp) != CIFAR_MD5:
+            raise DemoError(f"downloaded {CIFAR_URL} but its MD5 is wrong (corrupt transfer); run again")
+
+    say(f"downloading CIFAR-10 (163 MiB) to {archive}")
+    atomic_save(archive, fetch)
+    return archive
+
+
+def synthetic_images(n, seed=0):
+    """Class-conditional stand-in for CIFAR-10 when there is none (tests, --quick): class k is a
+    shape (k % 5: disc, square, ring, bar, cross) in a hue of its own, at a random place and size,
+    on a random dark gradient. Learnable in seconds; NOT a benchmark."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    labels = rng.integers(0, 10, n)
+    images = np.empty((n, 32, 32, 3), np.uint8)
+    for i, k in enumerate(labels):
+        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
+        dy, dx = yy - cy, xx - cx
+        mask = [dy**2 + dx**2 < r**2, np.maximum(abs(dy), abs(dx)) < r * 0.8,
+                abs(np.sqrt(dy**2 + dx**2) - r * 0.8) < 2, abs(dy) < r * 0.35,
+                (abs(dy) < 2) | (abs(dx) < 2)][k % 5]
+        mask &= (abs(dy) < r) & (abs(dx) < r)
+        hue = (k / 10 + np.array([0, 1 / 3, 2 / 3])) * 2 * np.pi
+        color = 140 + 110 * np.cos(hue + rng.normal(0, 0.15))
+        background = rng.uniform(0, 90, 3) * (0.5 + 0.5 * (yy / 31)[..., None])
+        images[i] = np.where(mask[..., None], color, background).clip(0, 255)
+    return images, labels.astype(np.int64)
+
+
+def load_data(s):
+    """(images uint8 (N, 32, 32, 3), labels (N,), description, identity hash)."""
+    if s.data == "synthetic":
+        images, labels = synthetic_images(s.n_images or 50000, s.seed)
+        desc = f"SYNTHETIC shapes ({len(labels)} images; not CIFAR-10, numbers not meaningful)"
+    else:
+        source = Path(s.data) if s.data else download_cifar(s.cache)
+        images, labels = read_cifar(source)
+        if s.data and source.is_file() and source.name.endswith("gz") and md5_of(source) != CIFAR_MD5:
+            say(f"note: {source} is not the official archive (MD5 differs); using it anyway")
+        images, labels = images[:s.n_images], labels[:s.n_images]
+        desc = f"CIFAR-10 train ({len(labels)} images, from {source})"
+    return images, labels, desc, digest(images.tobytes(), labels.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the VAE whose latents are both what SiT denoises and SRA 2's target f_VAE
+# ---------------------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class VAE(nn.Module):
+    """Images (N, 3, 32, 32) in [-1, 1] <-> latents (N, C, 16, 16); posterior N(mean, exp(logvar))."""
+
+    def __init__(self, width=64, latent_channels=4):
+        super().__init__()
+        w, C = width, latent_channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), ResBlock(w),                               # (N, w, 32, 32)
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), ResBlock(2 * w), ResBlock(2 * w),  # (N, 2w, 16, 16)
+            nn.GroupNorm(8, 2 * w), nn.SiLU(), nn.Conv2d(2 * w, 2 * C, 3, padding=1))  # (N, 2C, 16, 16)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(C, 2 * w, 3, padding=1), ResBlock(2 * w), ResBlock(2 * w),       # (N, 2w, 16, 16)
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * w, w, 3, padding=1), ResBlock(w),  # (N, w, 32, 32)
+            nn.GroupNorm(8, w), nn.SiLU(), nn.Conv2d(w, 3, 3, padding=1))               # (N, 3, 32, 32)
+
+    def encode(self, x):
+        mean, logvar = self.encoder(x).chunk(2, dim=1)                  # 2 x (N, C, 16, 16)
+        return mean, logvar.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def to_float(images_u8):
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float NCHW in [-1, 1] -> uint8 NHWC on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def train_vae(images, s, device):
+    torch.manual_seed(VAE_SEED)
+    vae = VAE(s.vae_width, s.latent_channels).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0)
+    pixels = torch.from_numpy(images).to(device)                       # uint8 (N, 32, 32, 3)
+    bar = Progress("stage 1: VAE", s.vae_steps)
+    for step in range(1, s.vae_steps + 1):
+        x = to_float(pixels[torch.randint(len(pixels), (s.vae_batch,), device=device)])
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)   # flips
+        with sra2.autocast(device, enabled=device.type == "cuda"):
+            mean, logvar = vae.encode(x)
+            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)   # z ~ q(z | x)
+            x_hat = vae.decode(z)
+        mse = (x_hat.float() - x).square().mean()
+        kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).mean()
+        opt.zero_grad(set_to_none=True)
+        (mse + s.vae_kl * kl).backward()
+        opt.step()
+        if step % 25 == 0 or step == s.vae_steps:
+            bar.update(step, f"mse {mse.item():.4f}  kl {kl.item():.2f}")
+    bar.close()
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae, images, device, batch=1000):
+    """Posterior means of every image and of its mirror image: (2, N, C, 16, 16) float32 on CPU."""
+    out, bar = [[], []], Progress("stage 1: encoding", len(images), "img")
+    for i in range(0, len(images), batch):
+        x = to_float(torch.from_numpy(images[i:i + batch]).to(device))
+        for flip in (0, 1):
+            out[flip].append(vae.encode(x.flip(3) if flip else x)[0].float().cpu())
+        bar.update(i + len(x))
+    bar.close()
+    return torch.stack([torch.cat(out[0]), torch.cat(out[1])])
+
+
+def stage1(images, data_id, s, device):
+    """Train (or load from the cache) the VAE; return it with the normalised latents (2, N, C, 16, 16)."""
+    settings = dict(width=s.vae_width, channels=s.latent_channels, kl=s.vae_kl, lr=s.vae_lr,
+                    steps=s.vae_steps, batch=s.vae_batch, seed=VAE_SEED, version=1)
+    path = Path(s.cache) / f"stage1-{digest(settings, data_id)}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        say(f"stage 1: VAE and latents from the cache ({path.name})")
+    else:
+        t0 = time.perf_counter()
+        vae = train_vae(images, s, device)
+        latents = encode_all(vae, images, device)                      # (2, N, C, 16, 16)
+        # Normalise to mean 0, std 1 (SD-VAE: scale 0.18215): diffusion noise eps ~ N(0, I) must
+        # be on the latents' scale, and the SRA 2 target inherits it.
+        shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+        saved = dict(vae={k: v.cpu() for k, v in vae.state_dict().items()}, settings=settings,
+                     latents=((latents - shift) * scale).half(), shift=shift, scale=scale,
+                     raw_std=latents.std().item(), seconds=time.perf_counter() - t0)
+        atomic_save(path, lambda tmp: torch.save(saved, tmp))
+        say(f"stage 1: VAE trained and {2 * len(images)} latents encoded in {fmt_time(saved['seconds'])} "
+            f"(cached as {path.name})")
+    vae = VAE(s.vae_width, s.latent_channels)
+    vae.load_state_dict(saved["vae"])
+    vae = vae.to(device).eval().requires_grad_(False)
+    z = saved["latents"].float()
+    say(f"        latents {tuple(z.shape[1:])} x 2 flips; raw std {saved['raw_std']:.3f} -> normalised by "
+        f"shift {saved['shift']:+.3f}, scale {saved['scale']:.4f} (std now {z.std():.3f})")
+    return SimpleNamespace(vae=vae, latents=z, shift=saved["shift"], scale=saved["scale"],
+                           seconds=saved.get("seconds", 0.0))
+
+
+@torch.no_grad()
+def decode(stage, z):
+    """Normalised latents (N, C, 16, 16) -> uint8 images (N, 32, 32, 3) on the CPU."""
+    return to_uint8(stage.vae.decode(z.float() / stage.scale + stage.shift))
+
+
+# ---------------------------------------------------------------------------------------------
+# FID (fid.py does the work; see the protocol in the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+def fid_small(features, mu_ref, sigma_ref):
+    """Exact FID for n <= SMALL_FID generated images, via an n x n eigenproblem.
+    S_gen = B^T B with B = (F - mu) / sqrt(n - 1), so the eigenvalues of S_ref S_gen are those of
+    B S_ref B^T (plus zeros), and tr((S_ref S_gen)^1/2) = sum sqrt(eig(B S_ref B^T))."""
+    features = np.asarray(features, np.float64)
+    n, mu = len(features), features.mean(0)
+    B = (features - mu) / math.sqrt(n - 1)                             # (n, D)
+    M = B @ sigma_ref @ B.T                                            # (n, n), symmetric PSD
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
+    diff = mu - mu_ref
+    return float(diff @ diff + np.trace(sigma_ref) + (B * B).sum() - 2 * tr_covmean)
+
+
+class FIDMeter:
+    """FID of uint8 images against the reference statistics of the training images."""
+
+    def __init__(self, s, images, data_id, device):
+        self.device = device
+        self.model = fid.load_inception(s.inception, device)
+        weights = Path(s.inception) if s.inception else None
+        key = digest(data_id, s.fid_ref_n, "tf", weights.name if weights else "default",
+                     weights.stat().st_size if weights else 0)
+        path = Path(s.cache) / f"fid-ref-{key}.npz"
+        if path.is_file():
+            self.mu, self.sigma = fid.load_statistics(path)
+        else:
+            ref = images[:s.fid_ref_n]
+            say(f"FID reference: Inception statistics of {len(ref)} training images (cached afterwards)")
+            self.mu, self.sigma = self.statistics(ref)
+            atomic_save(path, lambda tmp: fid.save_statistics(tmp, self.mu, self.sigma, "tf"))
+
+    def statistics(self, images, batch=500):
+        """(mu, sigma) with a progress line: fid.compute_statistics on a stream of batches."""
+        bar = Progress("  Inception", len(images), "img")
+
+        def batches():
+            for i in range(0, len(images), batch):
+                bar.update(i)
+                yield images[i:i + batch]
+        mu_sigma = fid.compute_statistics(batches(), self.model, batch_size=200, device=self.device)
+        bar.close()
+        return mu_sigma
+
+    @torch.no_grad()
+    def features(self, images):
+        """Pool3 features (n, 2048), preprocessed exactly as fid.compute_statistics does (which
+        also turns TF32 off on a GPU; this path is for the few-image runs on a CPU)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return torch.cat([self.model(fid.preprocess(b.to(self.device), "tf"))[0].double().cpu()
+                              for b in torch.as_tensor(images).split(64)]).numpy()
+
+    def __call__(self, images):
+        if len(images) > SMALL_FID:
+            return fid.frechet_distance(self.mu, self.sigma, *self.statistics(torch.as_tensor(images)))
+        return fid_small(self.features(images), self.mu, self.sigma)
+
+
+@torch.no_grad()
+def generate(model, stage, n, num_steps, s, device, label):
+    """n images (uint8 NHWC) from `model` with the papers' Euler-Maruyama sampler, no CFG. Noise
+    and labels (image i has class i % 10) come from a fixed seed: matched across runs and steps."""
+    labels = torch.arange(n, device=device) % 10
+    C, H = s.latent_channels, 16
+    images, bar = [], Progress(f"  sampling {label}", n, "img")
+    for chunk, y in enumerate(labels.split(s.sample_batch)):
+        # A generator per chunk: chunk c's draws depend on (seed, c) only, so chunks can be
+        # shared out across GPUs later without changing a single sample.
+        generator = torch.Generator(device).manual_seed(10_007 * (s.seed + 1) + chunk)
+        noise = torch.randn(len(y), C, H, H, generator=generator, device=device)
+        with sra2.autocast(device, enabled=device.type == "cuda"):
+            z = sra2.sample_sde(model, noise, y, num_steps=num_steps, generator=generator)
+        images.append(decode(stage, z))
+        bar.update(sum(len(i) for i in images))
+    bar.close()
+    return torch.cat(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: one training run (baseline when run.align is False)
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(s):
+    """The SiTConfig the run will build, without building it (for checks and tables)."""
+    preset, overrides = DEMO_MODELS.get(s.model, (s.model, {}))
+    fields = {**sra2.PRESETS[preset], **overrides, **sit_overrides(s)}
+    return preset, overrides, sra2.SiTConfig(**fields)
+
+
+def sit_overrides(s):
+    return dict(input_size=16, in_channels=s.latent_channels, num_classes=10)
+
+
+def build(s, run, device):
+    preset, overrides, _ = model_config(s)
+    torch.manual_seed(s.seed)                                          # same SiT init in every run
+    model = sra2.create_sit(preset, **overrides, **sit_overrides(s)).to(device)
+    projector = sra2.make_projector(model, depth=run.mlp_depth).to(device) if run.align else None
+    return model, projector
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    """A permutation of the n images and a flip bit per image, from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def batch_indices(step, n, batch_size, seed):
+    """Images and flips of training step `step`: a fresh permutation and flip pattern per epoch,
+    a pure function of (seed, step), so every run sees the same batches and resuming needs only
+    the step. The last partial batch of an epoch is dropped."""
+    epoch, i = divmod(step, n // batch_size)
+    perm, flip = epoch_order(seed, epoch, n)
+    idx = perm[i * batch_size:(i + 1) * batch_size]
+    return idx, flip[idx]
+
+
+def train_run(run, stage, labels, s, device, fid_meter, out):
+    """Train one run for s.steps; evaluate FID at s.evals checkpoints. Returns its record."""
+    model, projector = build(s, run, device)
+    ema = sra2.create_ema(model)
+    params = [p for p in model.parameters() if p.requires_grad] + list(projector.parameters() if projector else [])
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=0, fused=device.type == "cuda")
+    forward = torch.compile(model) if s.compile else model
+    latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
+    eval_steps = {round(s.steps * (i + 1) / s.evals) for i in range(s.evals)}
+    rec = dict(name=run.name, label=run.label, seed=s.seed, settings=run.settings, log=[], evals=[],
+               params=sum(p.numel() for p in model.parameters()),
+               projector_params=sum(p.numel() for p in projector.parameters()) if projector else 0)
+    torch.manual_seed(s.seed + 1)                                      # same t, eps, dropout in both runs
+    sums, wall, last_ckpt = torch.zeros(3, device=device), 0.0, time.perf_counter()
+    bar, tic = Progress(f"stage 2: {run.label}", s.steps), time.perf_counter()
+    for step in range(1, s.steps + 1):
+        idx, flip = batch_indices(step - 1, len(labels), s.batch_size, s.seed)
+        z, y = latents[flip.to(device), idx.to(device)], labels[idx.to(device)]   # (B, C, 16, 16), (B,)
+        with sra2.autocast(device, enabled=device.type == "cuda"):
+            parts = sra2.training_loss(forward, z, y, projector, lam=run.lam, align_depth=run.align_depth,
+                                       align_loss=run.align_loss, t_range=run.t_range)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        sra2.update_ema(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up
+        sums += torch.stack([parts["loss"], parts["denoise"], parts["align"]]).detach()
+        if step % s.log_every == 0 or step in eval_steps:              # one host sync per log line
+            loss, denoise, align = (sums / (step - (rec["log"][-1]["step"] if rec["log"] else 0))).tolist()
+            sums.zero_()
+            if not math.isfinite(loss):
+                raise DemoError(f"{run.label}: loss is {loss} at step {step}; stopping (last good "
+                                f"checkpoint kept in {out / 'ckpt'})")
+            wall += sync_time(device, tic)
+            rec["log"].append(dict(step=step, loss=loss, denoise=denoise, align=align, wall=wall))
+            bar.update(step, f"loss {loss:.4f} (denoise {denoise:.4f}, align {align:.4f})", elapsed=wall)
+            if step in eval_steps:
+                bar.close()
+                images = generate(ema, stage, s.fid_n, s.fid_sampling_steps, s, device, f"{run.label} @ {step}")
+                rec["evals"].append(dict(step=step, wall=wall, fid=fid_meter(images)))
+                rec.setdefault("grids", {})[step] = images[:100]
+                say(f"  {run.label} step {step}: {s.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
+                    f"(train time {fmt_time(wall)}, {step / wall:.1f} it/s)")
+            if s.ckpt_minutes > 0 and time.perf_counter() - last_ckpt > 60 * s.ckpt_minutes:
+                save_checkpoint(out / "ckpt" / f"{run.name}.pt", model, ema, projector, opt, step, s, run,
+                                rec | dict(wall=wall))
+                last_ckpt = time.perf_counter()
+            tic = time.perf_counter()                                  # evals and saves don't count
+    bar.close()
+    images = generate(ema, stage, s.final_fid_n, s.final_sampling_steps, s, device, f"{run.label} final")
+    rec.update(final_fid=fid_meter(images), final_grid=images[:100], wall=wall)
+    if s.ckpt_minutes > 0:                                             # the finished run, record included
+        save_checkpoint(out / "ckpt" / f"{run.name}.pt", model, ema, projector, opt, s.steps, s, run, rec)
+    return rec
+
+
+def sync_time(device, tic):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def save_checkpoint(path, model, ema, projector, opt, step, s, run, rec):
+    """Everything a resume needs, as plain tensors and Python values (torch.load(weights_only=True)):
+    weights, optimizer, RNG states, and the run's record so far (losses, FIDs, grids, wall time).
+    The data position is `step` itself (see batch_indices). Saved right after a log line, so the
+    loss accumulator is empty."""
+    state = dict(format="tiny_demo/1", step=step, settings=vars(s), run=vars(run),
+                 model=model.state_dict(), ema=ema.state_dict(),
+                 projector=projector.state_dict() if projector is not None else {},
+                 optimizer=opt.state_dict(),
+                 rng=dict(cpu=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                 record=rec)
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures with pillow: line charts and image grids
+# ---------------------------------------------------------------------------------------------
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def font(size=14):
+    try:
+        return ImageFont.load_default(size=size)                       # pillow >= 10.1: scalable
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def put(draw, xy, text, fnt, anchor="la", fill="black"):
+    """draw.text with an anchor (l/m/r, a/m), computed by hand: older pillow's bitmap font has none."""
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=fnt)
+    x = xy[0] - {"l": 0, "m": (x1 - x0) / 2, "r": x1 - x0}[anchor[0]]
+    y = xy[1] - {"a": 0, "t": 0, "m": (y1 + y0) / 2}[anchor[1]]
+    draw.text((x, y), text, fill=fill, font=fnt)
+
+
+def nice_ticks(lo, hi, count=5):
+    """Round tick values (1, 2, 5 x 10^k) covering [lo, hi]."""
+    raw = (hi - lo) / max(count, 1) or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda v: abs(v - raw))
+    values = np.arange(math.floor(lo / step) * step, hi + step * 1.001, step)
+    return [v for v in values if lo - 1e-9 <= v <= hi + 1e-9]
+
+
+def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
+    """series: list of (label, xs, ys); markers where there are few points. Log y: ticks at 1-2-5."""
+    series = [(lab, list(map(float, xs)), list(map(float, ys))) for lab, xs, ys in series if len(xs)]
+    W, H = size
+    left, right, top, bottom = 80, 200, 50 + (18 if note else 0), 60
+    img = Image.new("RGB", size, "white")
+    draw, f, small = ImageDraw.Draw(img), font(16), font(12)
+    xs = [x for _, a, _ in series for x in a] or [0, 1]
+    ys = [y for _, _, b in series for y in b if math.isfinite(y) and (y > 0 or not logy)] or [1, 2]
+    x0, x1 = min(0.0, min(xs)), max(xs) if max(xs) > min(0.0, min(xs)) else min(xs) + 1
+    fy = (lambda v: math.log10(v)) if logy else (lambda v: v)
+    y0, y1 = fy(min(ys)), fy(max(ys))
+    pad = (y1 - y0) * 0.05 or 0.5
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    py = lambda y: H - bottom - (fy(y) - y0) / (y1 - y0) * (H - top - bottom)
+    draw.text((left, 12), title, fill="black", font=f)
+    if note:
+        draw.text((left, 34), note, fill=(200, 0, 0), font=small)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    yticks = nice_ticks(y0, y1)
+    if logy:                                                           # 1-2-5 per decade, else linear
+        yticks = [m * 10 ** e for e in range(math.floor(y0) - 1, math.ceil(y1) + 1) for m in (1, 2, 5)
+                  if y0 <= math.log10(m * 10 ** e) <= y1]
+        if len(yticks) < 3:
+            yticks = [v for v in nice_ticks(10 ** y0, 10 ** y1) if v > 0]
+    for v in yticks:
+        y = py(v)
+        draw.line([left, y, W - right, y], fill=(225, 225, 225))
+        put(draw, (left - 8, y), f"{v:g}", small, "rm", fill="black")
+    for v in nice_ticks(x0, x1):
+        x = px(v)
+        draw.line([x, top, x, H - bottom], fill=(235, 235, 235))
+        put(draw, (x, H - bottom + 6), f"{v:g}", small, "mt", fill="black")
+    put(draw, ((left + W - right) / 2, H - 22), xlabel, f, "mm", fill="black")
+    draw.text((12, top - 22), ylabel, fill="black", font=small)
+    for i, (label, sx, sy) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        points = [(px(x), py(y)) for x, y in zip(sx, sy) if math.isfinite(y) and (y > 0 or not logy)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        if len(points) <= 30:
+            for x, y in points:
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        ly = top + 10 + 22 * i
+        draw.line([W - right + 12, ly, W - right + 36, ly], fill=color, width=3)
+        put(draw, (W - right + 42, ly), label, small, "lm", fill="black")
+    img.save(path)
+
+
+def image_grid(images, ncol=10, pad=2):
+    """uint8 (N, h, w, 3) -> one PIL image, ncol per row."""
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
+    return Image.fromarray(grid)
+
+
+def panels(path, named_images, title, scale=2, ncol=10):
+    """Grids side by side, each under its name, upscaled for viewing (nearest: pixels stay pixels)."""
+    grids = [image_grid(im, min(ncol, len(im))) for _, im in named_images]
+    grids = [g.resize((g.width * scale, g.height * scale), Image.NEAREST) for g in grids]
+    W = sum(g.width for g in grids) + 20 * (len(grids) + 1)
+    H = max(g.height for g in grids) + 70
+    canvas = Image.new("RGB", (W, H), "white")
+    draw, x = ImageDraw.Draw(canvas), 20
+    draw.text((20, 10), title, fill="black", font=font(16))
+    for (name, _), g in zip(named_images, grids):
+        draw.text((x, 40), name, fill="black", font=font(14))
+        canvas.paste(g, (x, 62))
+        x += g.width + 20
+    canvas.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and the speed-up
+# ---------------------------------------------------------------------------------------------
+
+
+def table(headers, rows):
+    """Plain-text table, columns padded to their widest cell."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
+
+
+def reach(xs, fids, target):
+    """First x where the curve (linear between checkpoints) gets to FID <= target, or None.
+    Returns (x, exact): exact is False when already reached at the first checkpoint."""
+    if fids[0] <= target:
+        return xs[0], False
+    for (xa, fa), (xb, fb) in zip(zip(xs, fids), zip(xs[1:], fids[1:])):
+        if fb <= target:
+            return xa + (xb - xa) * (fa - target) / (fa - fb), True
+    return None, True
+
+
+def speedup_lines(base, sra, s):
+    """The headline: the fraction of steps and of wall time SRA 2 needs for the baseline's final FID."""
+    steps, sra_fid = [e["step"] for e in base["evals"]], [e["fid"] for e in sra["evals"]]
+    target = base["evals"][-1]["fid"]
+    head = (f"speed-up ({s.ckpt_fid} curve, seed {base['seed']}): the baseline ends at FID {target:.2f} "
+            f"after {steps[-1]} steps;")
+    x, exact = reach(steps, sra_fid, target)
+    if x is None:
+        return [head, f"  SRA 2 does NOT reach it (its best: {min(sra_fid):.2f}): "
+                      "no speed-up at this scale and length"], None
+    t, _ = reach([e["wall"] for e in sra["evals"]], sra_fid, target)
+    where = f"at step {x:.0f}" if exact else f"already at its first checkpoint, step {x:.0f}"
+    return [head, f"  SRA 2 reaches it {where}: {x / steps[-1]:.2f} of the steps ({steps[-1] / x:.2f}x fewer);",
+            f"  in wall-clock {fmt_time(t)} against the baseline's {fmt_time(base['wall'])} "
+            f"({t / base['wall']:.2f}, {base['wall'] / t:.2f}x)"], x / steps[-1]
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def mean_record(recs):
+    """The seeds' average run: FID and wall time averaged checkpoint by checkpoint."""
+    return dict(seed="mean", wall=mean(r["wall"] for r in recs),
+                evals=[dict(step=es[0]["step"], fid=mean(e["fid"] for e in es), wall=mean(e["wall"] for e in es))
+                       for es in zip(*(r["evals"] for r in recs))])
+
+
+def fid_name(n, sampling_steps):
+    """"FID-2k 50-step": FIDs compare only at equal sample count and sampler, so names carry both."""
+    return (f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}") + f" {sampling_steps}-step"
+
+
+def fmt_steps(n):
+    return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def fmt_params(n):
+    return f"{n / 1e6:.1f}M"
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: the baseline, SRA 2, and the ablation grid (Table 1 of the paper in miniature)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_run(s, name, label, align, **changes):
+    run = SimpleNamespace(name=name, label=label, align=align, align_depth=s.align_depth,
+                          align_loss=s.align_loss, lam=s.lam, t_range=tuple(s.t_range), mlp_depth=s.mlp_depth)
+    vars(run).update(changes)
+    run.settings = ("vanilla" if not align else
+                    f"block {run.align_depth}, {run.align_loss}, lambda {run.lam:g}, "
+                    f"t in [{run.t_range[0]:g}, {run.t_range[1]:g}], {run.mlp_depth}-layer MLP")
+    return run
+
+
+def ablation_runs(s, depth):
+    """(group, setting, run) rows of Table 1; the default SRA 2 run appears once per group."""
+    d0 = s.align_depth
+    deeper = sorted({min(depth, max(d0 + 1, depth // 2)), min(depth, max(d0 + 2, 2 * depth // 3))} - {d0})
+    rows = [("", "vanilla SiT", make_run(s, "vanilla", "vanilla SiT", False))]
+    default = make_run(s, "sra2", "SRA 2 (default)", True)
+    groups = [("align depth", [(f"{d0}", {})] + [(f"{d}", dict(align_depth=d)) for d in deeper]),
+              ("time range", [("[0, 1]", {}), ("[0, 0.5]", dict(t_range=(0.0, 0.5)))]),
+              ("align loss", [("smooth-L1", {}), ("cosine", dict(align_loss="cosine")),
+                              ("L1", dict(align_loss="l1")), ("L2", dict(align_loss="l2"))]),
+              ("lambda", [("1.0", {}), ("0.1", dict(lam=0.1))]),
+              ("MLP depth", [("5 layers", {}), ("2 layers", dict(mlp_depth=2))])]
+    for group, options in groups:
+        for setting, change in options:
+            slug = "sra2_" + "".join(c if c.isalnum() else "-" for c in f"{group}_{setting}")
+            rows.append((group, setting, default if not change else
+                         make_run(s, slug, f"SRA 2, {group} {setting}", True, **change)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = p.add_argument
+    both = lambda key, text="": dict(default=None, help=f"{text} (default {DEFAULTS['full'][key] or 'all'}; "
+                                                       f"--quick {DEFAULTS['quick'][key]})".lstrip())
+    add("--quick", action="store_true", help="CPU smoke test of the whole pipeline (< 3 min on 2 cores)")
+    add("--ablate", action="store_true", help="Table 1 in miniature: one run per design choice")
+    add("--out", default="demo_out", help="folder for the table, PNGs, log, results.json, checkpoints "
+        "(%(default)s)")
+    add("--data", default=None, help="cifar-10-batches-py folder, the .tar.gz, or 'synthetic' "
+        "(default: download the archive into --cache; --quick: synthetic)")
+    add("--cache", default=os.environ.get("SRA2_CACHE", str(Path.home() / ".cache" / "sra2")),
+        help="download, stage-1 and FID-reference cache (%(default)s; env SRA2_CACHE)")
+    add("--inception", default=os.environ.get(fid.WEIGHTS_ENV),
+        help=f"FID Inception weights .pth (default: env {fid.WEIGHTS_ENV}, else fid.py's cache/download)")
+    add("--device", default=None, help="cuda, mps or cpu (default: cuda, then mps, then cpu)")
+    add("--seed", default="0", help="one seed, or several comma-separated, each running both models (%(default)s)")
+    add("--compile", action="store_true", help="torch.compile the SiT for training (pays on long CUDA runs)")
+    add("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --quick on a CPU)")
+    g = p.add_argument_group("stage 2")
+    g.add_argument("--model", choices=[*sra2.PRESETS, *DEMO_MODELS], metavar="NAME",
+                   **both("model", "SiT preset, or 'tiny' (4 blocks, D = 128)"))
+    g.add_argument("--steps", type=int, **both("steps"))
+    g.add_argument("--batch-size", type=int, **both("batch_size"))
+    g.add_argument("--lr", type=float, **both("lr", "AdamW learning rate, the same for both runs"))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (%(default)s)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="cap of the EMA warm-up schedule (%(default)s)")
+    g.add_argument("--align-depth", type=int, default=None,
+                   help="aligned block, 1-indexed (default: the preset's, 2 for S and B)")
+    g.add_argument("--align-loss", default="smooth_l1", choices=sra2.ALIGN_LOSSES, help="(%(default)s)")
+    g.add_argument("--mlp-depth", type=int, default=5, help="projector layers (%(default)s)")
+    g.add_argument("--lam", type=float, default=1.0, help="weight of the alignment loss (%(default)s)")
+    g.add_argument("--t-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="align only where t in [LO, HI], t = 0 data (0 1)")
+    g.add_argument("--n-images", type=int, **both("n_images", "use the first N training images"))
+    g.add_argument("--log-every", type=int, **both("log_every", "steps per loss log line"))
+    g.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint period, 0 = never (%(default)s)")
+    g = p.add_argument_group("FID protocol")
+    g.add_argument("--evals", type=int, **both("evals", "checkpoints with FID per run (--ablate: 1)"))
+    g.add_argument("--fid-n", type=int, **both("fid_n", "images per checkpoint FID"))
+    g.add_argument("--fid-sampling-steps", type=int, **both("fid_sampling_steps", "SDE steps at checkpoints"))
+    g.add_argument("--final-fid-n", type=int, **both("final_fid_n", "images for the final FID"))
+    g.add_argument("--final-sampling-steps", type=int,
+                   **both("final_sampling_steps", "SDE steps for the final FID"))
+    g.add_argument("--fid-ref-n", type=int, **both("fid_ref_n", "training images in the reference statistics"))
+    g.add_argument("--sample-batch", type=int, **both("sample_batch", "images per sampler batch"))
+    g = p.add_argument_group("stage 1 (VAE)")
+    g.add_argument("--vae-width", type=int, **both("vae_width", "channels at 32x32 (twice that at 16x16)"))
+    g.add_argument("--vae-steps", type=int, **both("vae_steps"))
+    g.add_argument("--vae-batch", type=int, **both("vae_batch"))
+    g.add_argument("--vae-lr", type=float, default=3e-4, help="(%(default)s)")
+    g.add_argument("--vae-kl", type=float, default=1e-5, help="KL weight per latent element (%(default)s)")
+    g.add_argument("--latent-channels", type=int, default=4, help="(%(default)s)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    evals_given = args.evals is not None
+    for key, value in DEFAULTS["quick" if args.quick else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick and args.data is None:
+        args.data = "synthetic"
+    if args.ablate and not evals_given:
+        args.evals = 1                                                 # Table 1 needs the end point only
+    return args
+
+
+def check(s):
+    """Every impossible setting, before any work, as one line each."""
+    try:
+        s.seeds = [int(v) for v in str(s.seed).split(",")]
+    except ValueError:
+        raise DemoError(f"--seed {s.seed!r}: need an integer or comma-separated integers") from None
+    s.seed = s.seeds[0]
+    for name in ("steps", "batch_size", "evals", "threads", "vae_steps", "vae_batch", "sample_batch", "mlp_depth",
+                 "log_every", "vae_width", "latent_channels"):
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("fid_n", "final_fid_n", "fid_ref_n"):
+        if getattr(s, name) < 2:
+            raise DemoError(f"--{name.replace('_', '-')} must be >= 2 (FID needs a covariance), "
+                            f"got {getattr(s, name)}")
+    if s.vae_width % 8:
+        raise DemoError(f"--vae-width must be a multiple of 8 (GroupNorm groups), got {s.vae_width}")
+    if s.evals > s.steps:
+        raise DemoError(f"--evals {s.evals} is more than --steps {s.steps}")
+    if s.n_images is not None and s.n_images < 1:
+        raise DemoError(f"--n-images must be >= 1, got {s.n_images}")
+    lo, hi = s.t_range
+    if not 0 <= lo < hi <= 1:
+        raise DemoError(f"--t-range {lo:g} {hi:g}: need 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)")
+    if s.lam < 0 or not 0 <= s.ema_decay < 1 or s.lr <= 0:
+        raise DemoError("--lam must be >= 0, --ema-decay in [0, 1), --lr > 0")
+    _, _, config = model_config(s)
+    s.align_depth = s.align_depth if s.align_depth is not None else config.align_depth
+    s.ckpt_fid = fid_name(s.fid_n, s.fid_sampling_steps)
+    s.final_fid = fid_name(s.final_fid_n, s.final_sampling_steps)
+    if not 1 <= s.align_depth <= config.depth:
+        raise DemoError(f"--align-depth {s.align_depth} is beyond {s.model}'s {config.depth} blocks "
+                        f"(choose 1..{config.depth})")
+
+
+def setup(s):
+    """Device, precision flags, output folder and log."""
+    global LOG_FILE
+    try:
+        device = sra2.pick_device(s.device)
+    except (ValueError, RuntimeError) as error:
+        raise DemoError(f"--device {s.device}: {error}") from None
+    if s.threads is not None or (s.quick and device.type == "cpu"):
+        # One thread for the quick mode: its ops are small, and OpenMP threads spin-wait for each
+        # other, so on a busy machine 2 threads ran it 5x slower than 1 (239 s vs 51 s, 2 cores).
+        torch.set_num_threads(s.threads or 1)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True                   # fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(s.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        Path(s.cache).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DemoError(f"cannot create --out/--cache folder ({error})") from None
+    LOG_FILE = out / "log.txt"
+    with open(LOG_FILE, "a") as f:                                     # each run's log starts with its command
+        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py {' '.join(s.argv)}\n")
+    card = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    return device, out, card
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: stage 1, both runs per seed, then the tables, pictures and results.json
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    s = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        check(s)
+        device, out, card = setup(s)
+        return demo(s, device, out, card)
+    except (DemoError, FileNotFoundError) as error:                    # FileNotFound: Inception weights
+        print("tiny_demo: error: " + " ".join(str(error).split()), file=sys.stderr)   # one line, always
+        raise SystemExit(2)
+    finally:
+        global LOG_FILE
+        LOG_FILE = None
+        torch.set_num_threads(threads)                                 # main() may be called in-process
+
+
+def demo(s, device, out, card):
+    t_start = time.perf_counter()
+    quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if s.quick else None
+    images, labels, data_desc, data_id = load_data(s)
+    if s.batch_size > len(labels):
+        raise DemoError(f"--batch-size {s.batch_size} is more than the {len(labels)} training images")
+    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
+    fid_meter = FIDMeter(s, images, data_id, device)                   # fails early without weights
+    stage = stage1(images, data_id, s, device)
+
+    # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind this decoder.
+    n_floor = max(s.fid_n, s.final_fid_n)
+    recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(s.sample_batch)])
+    floor = dict(ckpt=fid_meter(recon[:s.fid_n]), final=fid_meter(recon[:s.final_fid_n]))
+    n_show = min(50, len(recon))
+    panels(out / "vae_reconstructions.png",
+           [("real", images[:n_show]), ("VAE reconstruction", recon[:n_show].numpy())],
+           f"stage 1: VAE 32x32x3 -> 16x16x{s.latent_channels} -> 32x32x3")
+    say(f"VAE reconstruction floor: {s.ckpt_fid} {floor['ckpt']:.2f}, {s.final_fid} {floor['final']:.2f}")
+
+    _, _, config = model_config(s)
+    runs = ([row for row in ablation_runs(s, config.depth)] if s.ablate else
+            [("", "baseline", make_run(s, "baseline", f"{s.model}", False)),
+             ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))])
+    records = {}                                                       # (run name, seed) -> record
+    for seed in s.seeds:
+        s.seed = seed
+        for _, _, run in runs:
+            if (run.name, seed) not in records:
+                records[run.name, seed] = train_run(run, stage, labels, s, device, fid_meter, out)
+    s.seed = s.seeds[0]
+    report(s, runs, records, floor, stage, out, card, data_desc, quick, time.perf_counter() - t_start)
+    return records
+
+
+def report(s, runs, records, floor, stage, out, card, data_desc, quick, total_seconds):
+    """Print and save the tables (table.txt), every number (results.json) and the pictures."""
+    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}"] + ([quick] if quick else [])
+    lines += [f"data: {data_desc}",
+              f"stage 2: {s.model}, {s.steps} steps, batch {s.batch_size}, AdamW lr {s.lr:g}, "
+              f"grad clip {s.grad_clip:g}, EMA warm-up capped at {s.ema_decay:g}, seeds {s.seeds}, compile {s.compile}",
+              f"SRA 2: {make_run(s, 'sra2', '', True).settings}" + (" (the default; Table 1 varies it)" if s.ablate else ""),
+              f"stage 1: VAE width {s.vae_width}, {s.latent_channels} latent channels, KL {s.vae_kl:g}, "
+              f"{s.vae_steps} steps of batch {s.vae_batch}, lr {s.vae_lr:g}",
+              f"protocol: checkpoints FID-{s.fid_n} ({s.fid_sampling_steps}-step SDE), final FID-{s.final_fid_n} "
+              f"({s.final_sampling_steps}-step SDE), EMA weights, no CFG, vs {s.fid_ref_n} training images, "
+              f"tf convention", ""]
+    speedups = {}                                                      # seed -> fraction of steps, or None
+    if s.ablate:
+        lines += table1_lines(s, runs, records)
+    else:
+        base_name, sra_name = runs[0][2].name, runs[1][2].name
+        lines += table2_lines(s, records, base_name, sra_name, floor)
+        for seed in s.seeds:
+            base, sra = records[base_name, seed], records[sra_name, seed]
+            lines += ["", f"{s.ckpt_fid} at the checkpoints, seed {seed}"]
+            lines += table(["step", "baseline FID", "train time", "SRA 2 FID", "train time"],
+                           [[b["step"], f"{b['fid']:.2f}", fmt_time(b["wall"]), f"{a['fid']:.2f}", fmt_time(a["wall"])]
+                            for b, a in zip(base["evals"], sra["evals"])])
+            text, speedups[seed] = speedup_lines(base, sra, s)
+            lines += [""] + text + [f"  time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% "
+                                    "against the baseline"]
+        if len(s.seeds) > 1:                                           # a claim needs two seeds
+            text, speedups["mean"] = speedup_lines(*(mean_record([records[name, x] for x in s.seeds])
+                                                     for name in (base_name, sra_name)), s)
+            lines += [""] + text
+        pictures(s, records, base_name, sra_name, out, quick)
+    lines += ["", f"total wall time {fmt_time(total_seconds)} (stage 1 took {fmt_time(stage.seconds)} when "
+                  "it was not cached)"]
+    say("", *lines)
+    (out / "table.txt").write_text("\n".join(lines) + "\n")
+    runs_json = [{k: v for k, v in r.items() if k not in ("grids", "final_grid")} for r in records.values()]
+    results = dict(settings=vars(s), card=card, data=data_desc, floor=floor, total_seconds=total_seconds,
+                   step_fraction_to_baseline_fid=speedups, runs=runs_json)
+    atomic_save(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=str)))
+
+
+def table2_lines(s, records, base_name, sra_name, floor):
+    """Table 2 of the paper in miniature: one row per run and seed, means, and the decoder's floor."""
+    rows = []
+    for seed in s.seeds:
+        for r in (records[base_name, seed], records[sra_name, seed]):
+            aligned = r["projector_params"] > 0
+            rows.append([f"+ SRA 2 (block {s.align_depth})" if aligned else r["label"],
+                         fmt_params(r["params"]) + (f" + {fmt_params(r['projector_params'])} P" if aligned else ""),
+                         fmt_steps(s.steps), seed, fmt_time(r["wall"]), f"{r['log'][-1]['denoise']:.4f}",
+                         f"{r['log'][-1]['align']:.4f}" if aligned else "-",
+                         f"{r['evals'][-1]['fid']:.2f}", f"{r['final_fid']:.2f}"])
+    if len(s.seeds) > 1:
+        for name, label in ((base_name, s.model), (sra_name, "+ SRA 2")):
+            recs = [records[name, seed] for seed in s.seeds]
+            rows.append([f"{label} (mean)", "", fmt_steps(s.steps), "all", fmt_time(mean(r["wall"] for r in recs)),
+                         "", "", f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}",
+                         f"{mean(r['final_fid'] for r in recs):.2f}"])
+    rows.append(["VAE reconstruction floor", "", "", "", "", "", "", f"{floor['ckpt']:.2f}", f"{floor['final']:.2f}"])
+    return (["Table 2 in miniature (no CFG; P is dropped at inference, so both sample with the same SiT)"] +
+            table(["model", "params", "iters", "seed", "train time", "denoise", "align", s.ckpt_fid, s.final_fid],
+                  rows))
+
+
+def table1_lines(s, runs, records):
+    """Table 1 of the paper in miniature: one row per design choice, averaged over the seeds."""
+    rows = []
+    for group, setting, run in runs:
+        recs = [records[run.name, seed] for seed in s.seeds]
+        rows.append([group, setting, f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}",
+                     f"{mean(r['final_fid'] for r in recs):.2f}", f"{mean(r['log'][-1]['denoise'] for r in recs):.4f}",
+                     f"{mean(r['log'][-1]['align'] for r in recs):.4f}" if run.align else "-",
+                     f"{s.steps / mean(r['wall'] for r in recs):.1f}"])
+    return ([f"Table 1 in miniature ({s.model}, {s.steps} steps, mean over seeds {s.seeds})"] +
+            table(["design", "setting", s.ckpt_fid, s.final_fid, "denoise", "align", "it/s"], rows))
+
+
+def pictures(s, records, base_name, sra_name, out, quick):
+    """FID vs steps and vs wall-clock, loss curves, and the matched sample grids of the first seed."""
+    tag = lambda r: r["label"] + (f" (seed {r['seed']})" if len(s.seeds) > 1 else "")
+    pairs = [(records[base_name, seed], records[sra_name, seed]) for seed in s.seeds]
+    runs = [r for pair in pairs for r in pair]
+    curve = lambda r, x, y, key="evals": [tag(r), [e[x] for e in r[key]], [e[y] for e in r[key]]]
+    title = f"{s.ckpt_fid} (SDE, EMA) of {s.model} on 16x16x{s.latent_channels} latents"
+    line_chart(out / "fid_vs_steps.png", [curve(r, "step", "fid") for r in runs], title,
+               "training steps", "FID (log scale)", logy=True, note=quick)
+    line_chart(out / "fid_vs_time.png", [curve(r, "wall", "fid") for r in runs], title,
+               "training wall-clock (s, evaluations excluded)", "FID (log scale)", logy=True, note=quick)
+    losses = []
+    for base, sra in pairs:
+        losses += [curve(base, "step", "denoise", "log"), curve(sra, "step", "denoise", "log"),
+                   curve(sra, "step", "align", "log")]
+        losses[-3][0] += ": denoise"
+        losses[-2][0] += ": denoise"
+        losses[-1][0] += ": align"
+    line_chart(out / "loss_curves.png", losses, f"training losses (mean over {s.log_every} steps)",
+               "training steps", "loss (log scale)", logy=True, note=quick)
+    base, sra = pairs[0]
+    tail = f"  [{quick}]" if quick else ""
+    for b, a in zip(base["evals"], sra["evals"]):
+        panels(out / f"samples_step{b['step']:06d}.png",
+               [(f"baseline, {s.ckpt_fid} {b['fid']:.1f}", base["grids"][b["step"]].numpy()),
+                (f"SRA 2, {s.ckpt_fid} {a['fid']:.1f}", sra["grids"][a["step"]].numpy())],
+               f"step {b['step']}: same noise, same labels (image i has class i % 10)" + tail)
+    panels(out / "samples_final.png",
+           [(f"baseline, {s.final_fid} {base['final_fid']:.1f}", base["final_grid"].numpy()),
+            (f"SRA 2, {s.final_fid} {sra['final_fid']:.1f}", sra["final_grid"].numpy())],
+           f"step {s.steps}, {s.final_sampling_steps}-step SDE" + tail)
+
+
+if __name__ == "__main__":
+    main()
