@@ -19,6 +19,7 @@ Symbols:
 Shape letters: N batch, C latent channels, H W latent height and width, p patch size,
     T = (H/p) * (W/p) tokens, D hidden width.
 """
+import argparse
 import copy
 import math
 import statistics
@@ -133,9 +134,18 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
-    def forward(self, y):
-        if self.training and self.dropout_prob > 0:
+    def forward(self, y, drop=None):
+        """drop (N,) bool: which labels become the null label. None: in training, a fresh draw
+        with probability dropout_prob. Given (DiT's force_drop_ids), it is used as is."""
+        if drop is None and self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
+        if drop is not None:
+            if self.embedding_table.num_embeddings == self.num_classes:
+                raise ValueError("a label-dropout mask was given, but the model has no null label "
+                                 "(class_dropout_prob is 0)")
+            if drop.shape != y.shape or drop.dtype != torch.bool:
+                raise ValueError(f"the label-dropout mask must be bool {tuple(y.shape)}, "
+                                 f"got {drop.dtype} {tuple(drop.shape)}")
             y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
@@ -278,12 +288,13 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x_t, t, y, return_hidden_at=None):
+    def forward(self, x_t, t, y, return_hidden_at=None, drop_labels=None):
         """x_t (N, C, H, W), t (N,) in [0, 1] (0 = data), y (N,) labels, num_classes = null label.
-        Returns v (N, C, H, W); with return_hidden_at=k also h (N, T, D), the output of block k."""
+        Returns v (N, C, H, W); with return_hidden_at=k also h (N, T, D), the output of block k.
+        drop_labels (N,) bool: the label-dropout draw, if the caller makes it (see LabelEmbedder)."""
         t = self.check_inputs(x_t, t, y)
         x = self.x_embedder(x_t) + self.pos_embed                  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)                # (N, D) conditioning
+        c = self.t_embedder(t) + self.y_embedder(y, drop_labels)   # (N, D) conditioning
         h = None
         for depth, block in enumerate(self.blocks, start=1):
             x = block(x, c)
@@ -344,8 +355,7 @@ def load_sit_checkpoint(model, checkpoint):
     """Load a SiT or REPA checkpoint (path or dict) into `model` with strict=True.
     Picks "ema", then "model" if the file holds several state dicts; REPA's `projectors.*` keys
     are returned, not loaded (P is dropped at inference). Time direction: see SiTTimeFlip."""
-    if not isinstance(checkpoint, dict):
-        import argparse                                            # REPA's files hold its args
+    if not isinstance(checkpoint, dict):                           # REPA's files hold its argparse args
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = checkpoint.get("ema", checkpoint.get("model", checkpoint))
@@ -451,28 +461,31 @@ def alignment_loss(f_sit, f_vae, kind="smooth_l1", beta=0.05):
 
 
 def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, align_loss="smooth_l1",
-                  t_range=(0.0, 1.0), target=None, path="linear", t=None, eps=None):
+                  t_range=(0.0, 1.0), target=None, path="linear", t=None, eps=None, drop_labels=None):
     """The SRA 2 objective: L = L_denoise + lam * L_align, from one forward pass at one t.
 
     z (N, C, H, W) clean latents (t = 0 is data), y (N,) labels. projector=None: plain SiT (align = 0).
     The alignment target is f_VAE = z itself, as tokens, or `target` (N, T, d) from any encoder
     (REPA-style). With a t_range, the alignment term is the mean over the samples whose t lies
     inside it (so each of them weighs more than with the full range; lam keeps its meaning as
-    the weight of a per-sample average). t and eps may be given (for tests); by default
-    t ~ U[0, 1) and eps ~ N(0, I) from the global RNG. Returns {"loss", "denoise", "align"}."""
+    the weight of a per-sample average). t, eps and the label-dropout mask drop_labels (N,) may
+    be given (tests; data-parallel training, where each rank takes its share of one global draw);
+    by default t ~ U[0, 1), eps ~ N(0, I) and the dropout come from the global RNG.
+    Returns {"loss", "denoise", "align"}."""
     cfg = getattr(model, "module", model).config                   # unwrap DistributedDataParallel
     t_dtype = torch.promote_types(z.dtype, torch.float32)          # never bf16 times
     t = torch.rand(z.shape[0], device=z.device, dtype=t_dtype) if t is None else t
     eps = torch.randn_like(z) if eps is None else eps
     x_t, v_target = interpolate(z, eps, t, path)                   # x_t = (1-t) z + t eps, v = eps - z
+    drop = {} if drop_labels is None else dict(drop_labels=drop_labels)   # other SiTs lack the kwarg
     if projector is None:
-        v = model(x_t, t, y)
+        v = model(x_t, t, y, **drop)
         align = z.new_zeros(())
     else:
         k = align_depth or cfg.align_depth
         if not 1 <= k <= cfg.depth:
             raise ValueError(f"align_depth {k} is outside the model's 1..{cfg.depth}")
-        v, h = model(x_t, t, y, return_hidden_at=k)                # h (N, T, D) after block k
+        v, h = model(x_t, t, y, return_hidden_at=k, **drop)        # h (N, T, D) after block k
         f_sit = projector(h)                                       # P(h) (N, T, p*p*C)
         f_vae = patchify(z, cfg.patch_size) if target is None else target   # (N, T, p*p*C), (p, q, c)
         per_sample = alignment_loss(f_sit, f_vae, align_loss)      # (N,)
@@ -751,7 +764,6 @@ def _benchmark(device, quick, official_path):
 
 
 if __name__ == "__main__":
-    import argparse
     parser = argparse.ArgumentParser(description="sra2 is a library; this entry point only benchmarks it.")
     parser.add_argument("--bench", action="store_true", help="measure training and sampling throughput")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run in seconds")
