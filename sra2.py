@@ -83,7 +83,7 @@ def create_sit(name, **overrides):
 
 def sincos_1d(dim, pos):
     """(len(pos), dim) table [sin(pos * omega), cos(pos * omega)], omega_k = 1 / 10000^(2k/dim)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device="cpu") / (dim / 2))
     angles = pos.reshape(-1, 1).double() * omega                    # (L, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)          # (L, dim)
 
@@ -91,7 +91,9 @@ def sincos_1d(dim, pos):
 def sincos_2d(dim, grid_size):
     """(grid_size**2, dim) fixed position table, tokens in row-major (h, w) order.
     First half of the channels encodes the column w, second half the row h (as in DiT/SiT)."""
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    # On the CPU in float64 (MPS has no float64), then copied into the model's pos_embed.
+    index = torch.arange(grid_size, device="cpu")
+    rows, cols = torch.meshgrid(index, index, indexing="ij")
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
 
 
@@ -518,6 +520,11 @@ def guidance_scale(t, cfg_scale, guidance_interval):
     return cfg_scale if guidance_interval[0] <= t <= guidance_interval[1] else 1.0
 
 
+def state_dtype(device):
+    """Sampler state precision: float64 (the papers' samplers), float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @torch.no_grad()
 def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=(0.0, 1.0),
                generator=None, t_last=0.04, path="linear"):
@@ -526,19 +533,22 @@ def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=
     Reverse SDE with diffusion sigma_t: dx = (v - sigma_t s) dt + sqrt(2 sigma_t) dW, dt < 0
     (SiT's "sigma" form; on the linear path sigma_t = t, as in REPA's sampler).
     Returns x_0 in noise.dtype. `generator` must live on noise.device."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     times = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64).tolist() + [0.0]
-    x = noise.double()
+    state = state_dtype(noise.device)
+    x = noise.to(state)
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t                                            # < 0
         w = guidance_scale(t, cfg_scale, guidance_interval)
-        v = guided_velocity(model, x.to(noise.dtype), t, y, w).double()
-        t_vec = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+        v = guided_velocity(model, x.to(noise.dtype), t, y, w).to(state)
+        t_vec = torch.full((x.shape[0],), t, dtype=state, device=x.device)
         s = score_from_velocity(v, x, t_vec, path)                 # score from velocity
         sigma_t = path_coefficients(torch.tensor(t), path)[1].item()
         drift = v - sigma_t * s                                    # d = v - sigma_t s (linear: v - t s)
         x = x + drift * dt
         if i < num_steps - 1:                                      # last step to 0: mean only, no noise
-            xi = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+            xi = torch.randn(x.shape, generator=generator, dtype=state, device=x.device)
             x = x + math.sqrt(2 * sigma_t) * math.sqrt(-dt) * xi
     return x.to(noise.dtype)
 
@@ -551,9 +561,12 @@ def sample_ode(model, noise, y, num_steps=50, method="heun", cfg_scale=1.0,
     Guidance is decided once per step, at its start t (as REPA), for both Heun evaluations."""
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-    velocity = lambda x, t, w: guided_velocity(model, x.to(noise.dtype), t, y, w).double()
-    x = noise.double()
+    state = state_dtype(noise.device)
+    velocity = lambda x, t, w: guided_velocity(model, x.to(noise.dtype), t, y, w).to(state)
+    x = noise.to(state)
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         w = guidance_scale(t, cfg_scale, guidance_interval)
         v = velocity(x, t, w)
