@@ -1268,7 +1268,7 @@ class FakeFID:
     """Stands in for the Inception FID where a test checks plumbing, not FID: a number per image set."""
 
     def __init__(self, s, images, data_id, device):
-        pass
+        self.n_ref = min(s.fid_ref_n, len(images))
 
     def __call__(self, images):
         return 1.0 + float(np.asarray(images, np.float64).mean())
@@ -1557,3 +1557,400 @@ def test_bad_input_is_one_line_from_the_command_line(tmp_path):
     assert result.stderr.strip() == "tiny_demo: error: --batch-size must be >= 1, got 0"
 
 
+
+
+# =============================================================================================
+# Scale-out and resume (issue 6): exact resume after SIGKILL, torchrun DDP equal to one process,
+# and one clear line for every bad input
+# =============================================================================================
+
+import argparse                                                        # noqa: E402 (this section's own)
+import shutil                                                          # noqa: E402
+import signal                                                          # noqa: E402
+import socket                                                          # noqa: E402
+
+# 12 steps, a checkpoint (and log line) every 3, FID at steps 6 and 12, plumbing-only FID.
+RESUME = [*TINY, "--steps", "12", "--evals", "2", "--ckpt-every", "3"]
+
+# The child processes (a SIGKILLed run, torchrun's ranks) run this: tiny_demo.main with the
+# stand-in FID, and optionally a SIGKILL inside torch.save of the checkpoint at step KILL_STEP
+# of run KILL_RUN, after half the file is written (what a kill during a save does).
+CHILD = '''
+import io, os, signal, sys
+import numpy as np, torch
+import tiny_demo
+
+class FakeFID:
+    def __init__(self, s, images, *args):
+        self.n_ref = min(s.fid_ref_n, len(images))
+
+    def __call__(self, images):
+        return 1.0 + float(np.asarray(images, np.float64).mean())
+
+tiny_demo.FIDMeter = FakeFID
+kill_run, kill_step = os.environ.get("KILL_RUN"), int(os.environ.get("KILL_STEP", "0"))
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("step") == kill_step and obj["run"]["name"] == kill_run:
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(f, "wb") as half:
+            half.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            half.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+tiny_demo.main(sys.argv[1:])
+'''
+
+
+def run_child(argv, env=None):
+    return subprocess.Popen([sys.executable, "-c", CHILD, *argv], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def demo_args(root, out="out", *extra, cache=None):
+    return [*RESUME, "--out", str(root / out), "--cache", str(cache or root / "cache"), *extra]
+
+
+@pytest.fixture
+def one_thread():
+    """Small ops on a busy 2-core machine: one thread, or OpenMP's spin-waiting makes them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run of RESUME (both models), with the stand-in FID: its out/ and records."""
+    root = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny_demo, "FIDMeter", FakeFID)
+        records = tiny_demo.main(demo_args(root))
+    return root, records
+
+
+def assert_same_checkpoint(a, b, atol=0.0):
+    """Weights, EMA, projector and optimizer state of two checkpoint files: equal (atol 0: bitwise)."""
+    a, b = (torch.load(p, weights_only=True) for p in (a, b))
+    assert a["step"] == b["step"]
+    for key in ("model", "ema", "projector"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.allclose(a[key][name], b[key][name], rtol=0, atol=atol), (key, name)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in sa:
+            assert torch.allclose(sa[name].float(), sb[name].float(), rtol=1e-4 if atol else 0, atol=atol), name
+    return a, b
+
+
+def test_sigkill_mid_run_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(reference_run):
+    """SIGKILL in the middle of writing SRA 2's step-9 checkpoint (the baseline already finished):
+    the step-6 file survives intact, --resume reuses the baseline's record, continues SRA 2 from
+    step 6, and both end with the uninterrupted run's weights, optimizer state and losses, bit
+    for bit on a CPU (batches and noise are functions of (seed, step), see step_noise)."""
+    root, records = reference_run
+    killed = run_child(demo_args(root, "killed"), env=dict(KILL_RUN="sra2", KILL_STEP="9"))
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, err
+    ckpt = root / "killed" / "ckpt"
+    assert torch.load(ckpt / "sra2.pt", weights_only=True)["step"] == 6       # the last whole save
+    assert len(list(ckpt.glob(".sra2.pt.*.tmp*"))) == 1                        # the torn one, aside
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny_demo, "FIDMeter", FakeFID)
+        resumed = tiny_demo.main(demo_args(root, "killed", "--resume"))
+    log = (root / "killed" / "log.txt").read_text()
+    assert "finished; its record is reused" in log and "resumed at step 6" in log
+    for name in ("baseline", "sra2"):
+        assert_same_checkpoint(root / "out" / "ckpt" / f"{name}.pt", ckpt / f"{name}.pt")
+        a, b = records[name, 0], resumed[name, 0]
+        assert [(e["step"], e["loss"], e["align"]) for e in a["log"]] == [(e["step"], e["loss"], e["align"]) for e in b["log"]]
+        assert [e["fid"] for e in a["evals"]] == [e["fid"] for e in b["evals"]] and a["final_fid"] == b["final_fid"]
+        assert torch.equal(a["final_grid"], b["final_grid"])
+
+
+def file_states(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file() and p.name != "log.txt"}
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("garbage", "is not a readable checkpoint"),
+    ("truncated", "is not a readable checkpoint"),
+    ("code", "is not a readable checkpoint (UnpicklingError"),
+    ("other run", "is from another run (the run's SRA 2 settings"),
+    ("not ours", "is not a tiny_demo/1 checkpoint"),
+])
+def test_resume_from_a_bad_checkpoint_is_one_line_and_changes_nothing(reference_run, tmp_path, capsys, damage, expected):
+    root, _ = reference_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    good = (out / "ckpt" / "baseline.pt").read_bytes()
+    bad = {"garbage": b"\x00not a checkpoint" * 10, "truncated": good[: len(good) // 2],
+           "other run": (out / "ckpt" / "sra2.pt").read_bytes()}.get(damage)
+    if damage == "code":                                               # a pickled class: weights_only refuses it
+        torch.save({"format": "tiny_demo/1", "x": argparse.Namespace(cmd="rm -rf /")}, out / "ckpt" / "baseline.pt")
+    elif damage == "not ours":
+        torch.save({"model": {}}, out / "ckpt" / "baseline.pt")
+    else:
+        (out / "ckpt" / "baseline.pt").write_bytes(bad)
+    before = file_states(out)
+    line = error_line(capsys, [*demo_args(tmp_path, "out"), "--resume"])
+    assert expected in line and "baseline.pt" in line and "nothing was changed" in line, line
+    assert file_states(out) == before                                  # nothing written, nothing lost
+
+
+def test_resume_with_other_settings_names_them(reference_run, tmp_path, capsys):
+    root, _ = reference_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    line = error_line(capsys, [*demo_args(tmp_path, "out"), "--resume", "--lr", "0.002"])
+    assert "is from another run (--lr: 0.001 there, 0.002 now)" in line
+    line = error_line(capsys, [*demo_args(tmp_path, "out"), "--resume", "--n-images", "48"])
+    assert "the training data" in line and "--n-images: 64 there, 48 now" in line
+
+
+def test_fresh_start_never_overwrites_an_unfinished_checkpoint(reference_run, tmp_path, capsys):
+    root, _ = reference_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    ckpt = torch.load(out / "ckpt" / "sra2.pt", weights_only=True)
+    del ckpt["record"]["final_fid"]
+    ckpt["step"] = 6
+    torch.save(ckpt, out / "ckpt" / "sra2.pt")
+    before = file_states(out)
+    line = error_line(capsys, demo_args(tmp_path, "out"))
+    assert "sra2.pt holds an unfinished run (step 6 of 12): pass --resume" in line
+    assert file_states(out) == before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """NaN from step 5 on (logged at 6): the run stops naming step 5, and the step-4 checkpoint,
+    written before the NaN, is the one left, with finite weights."""
+    real_loss, calls = sra2.training_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        parts = real_loss(*args, **kwargs)
+        return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) >= 5 else parts
+    monkeypatch.setattr(sra2, "training_loss", poisoned)
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    line = error_line(capsys, [*TINY, "--steps", "8", "--log-every", "3", "--ckpt-every", "2", "--out",
+                               str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert "loss is nan at step 5; stopping (the last good checkpoint, step 4, is kept" in line, line
+    ckpt = torch.load(tmp_path / "out" / "ckpt" / "baseline.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_ranks_end_where_one_process_does(reference_run, tmp_path, monkeypatch):
+    """What torchrun does (env RANK, WORLD_SIZE, MASTER_ADDR/PORT; two processes, gloo on CPU),
+    global batch 8 = 2 x 4, resuming a one-process run that stopped after the baseline's step-6
+    checkpoint: the baseline goes on from step 6 and SRA 2 starts from scratch on two ranks, and
+    both end with the one-process run's weights (up to float rounding: the gradient is averaged
+    over two halves instead of taken at once), its losses and its sharded-then-gathered samples.
+    Rank 1 prints nothing and writes nothing (it is given a copy of --out of its own to prove it).
+    DDP's unused-parameter check is on: the baseline (no P) and SRA 2 both train through it."""
+    root, records = reference_run
+    real_save = tiny_demo.save_checkpoint
+
+    def save_then_crash(path, model, ema, projector, opt, step, *rest):
+        real_save(path, model, ema, projector, opt, step, *rest)
+        if step == 6:
+            raise InterruptedError("stopped here")
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    monkeypatch.setattr(tiny_demo, "save_checkpoint", save_then_crash)
+    with pytest.raises(InterruptedError):
+        tiny_demo.main(demo_args(tmp_path, "out0", cache=root / "cache"))
+    shutil.copytree(tmp_path / "out0", tmp_path / "out1")
+    rank1_files = {p: p.read_bytes() for p in (tmp_path / "out1").rglob("*") if p.is_file()}
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    ranks = [run_child(demo_args(tmp_path, f"out{rank}", "--resume", cache=root / "cache"),
+                       env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
+    outputs = [rank.communicate(timeout=180) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert outputs[1] == ("", "") and "x 2 processes (DDP)" in outputs[0][0]
+    assert "resumed at step 6" in outputs[0][0]
+    assert {p: p.read_bytes() for p in (tmp_path / "out1").rglob("*") if p.is_file()} == rank1_files
+    for name in ("baseline", "sra2"):
+        assert_same_checkpoint(root / "out" / "ckpt" / f"{name}.pt", tmp_path / "out0" / "ckpt" / f"{name}.pt", atol=1e-5)
+        ddp = torch.load(tmp_path / "out0" / "ckpt" / f"{name}.pt", weights_only=True)["record"]
+        one = records[name, 0]
+        assert np.allclose([e["loss"] for e in ddp["log"]], [e["loss"] for e in one["log"]], rtol=1e-5)
+        assert np.allclose([e["align"] for e in ddp["log"]], [e["align"] for e in one["log"]], rtol=1e-5)
+        assert (ddp["final_grid"].int() - one["final_grid"].int()).abs().max() <= 1   # uint8 rounding
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
+    """generate() under 2 ranks: rank r samples chunks r, r + 2, ...; gathered, the images are
+    those of one process, bit for bit (each chunk has its own generator)."""
+    s = tiny_demo.parse_args([*TINY, "--sample-batch", "2"])
+    tiny_demo.check(s)
+    torch.manual_seed(0)
+    model = tiny_demo.sra2.create_sit("SiT-S/2", depth=1, hidden_size=64, num_heads=1, input_size=16, align_depth=1,
+                                      in_channels=4, num_classes=10).eval()
+    stage = SimpleNamespace(vae=tiny_demo.VAE(8, 4).eval(), shift=0.0, scale=1.0)
+    one = tiny_demo.generate(model, stage, 7, 2, s, torch.device("cpu"), "x")
+    parts = {}
+
+    def gather(rank):                                                  # all_gather_object, as 2 ranks see it
+        def all_gather_object(out, mine):
+            parts[rank] = mine
+            out[:] = [parts.get(0, []), parts.get(1, [])]
+        return all_gather_object
+    images = {}
+    for rank in (1, 0):                                                # rank 1 first: rank 0 then gathers both
+        monkeypatch.setattr(tiny_demo, "rank_and_world", lambda: (rank, 2))
+        monkeypatch.setattr(tiny_demo.dist, "all_gather_object", gather(rank))
+        images[rank] = tiny_demo.generate(model, stage, 7, 2, s, torch.device("cpu"), "x")
+    assert [c for c, _ in parts[0]] == [0, 2] and [c for c, _ in parts[1]] == [1, 3]   # 4 chunks of <= 2
+    assert torch.equal(images[0], one)                                 # gathered: one process's images
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, the rest of the sweep (the README's table): one line, exit status 2, nothing lost
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--model", "SiT-M/2"], "argument --model: invalid choice"),
+    (["--align-loss", "huber"], "argument --align-loss: invalid choice"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--seed", "1,x"], "--seed '1,x': need an integer"),
+    (["--seed", "1,1"], "--seed '1,1': need distinct seeds"),
+    (["--seed", "4294967296"], "need distinct seeds in 0..2147483647"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "0"], "--lr > 0"),
+    (["--ema-decay", "1"], "--ema-decay in [0, 1)"),
+    (["--lam", "-1"], "--lam must be >= 0"),
+    (["--grad-clip", "0"], "--grad-clip and --vae-lr must be > 0"),
+    (["--vae-kl", "-1"], "--vae-kl, --ckpt-minutes and --ckpt-every >= 0"),
+    (["--ckpt-every", "-1"], "--ckpt-every >= 0"),
+    (["--ckpt-minutes", "inf"], "--ckpt-minutes must be a finite number"),
+    (["--t-range", "0", "nan"], "--t-range must be a finite number"),
+    (["--fid-sampling-steps", "0"], "--fid-sampling-steps must be >= 1, got 0"),
+    (["--final-sampling-steps", "0"], "--final-sampling-steps must be >= 1, got 0"),
+    (["--n-images", "0"], "--n-images must be >= 1"),
+    (["--vae-width", "12"], "--vae-width must be a multiple of 8"),
+    (["--evals", "11"], "--evals 11 is more than --steps 10"),
+    (["--align-depth", "0"], "--align-depth 0 is beyond tiny's 4 blocks (choose 1..4)"),
+    (["--device", "abc"], "--device abc:"),
+    (["--device", "mps:0" if not torch.backends.mps.is_available() else "cuda:99"], "is not available"),
+])
+def test_bad_flag_is_one_line(tmp_path, capsys, flags, expected):
+    line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), *flags])
+    assert line.startswith("tiny_demo: error: ") and expected in line, line
+
+
+def test_batch_that_does_not_split_over_torchrun_ranks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")                              # as torchrun --nproc_per_node=3 sets it
+    line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o")])
+    assert "--batch-size 8 does not split evenly over 3 processes" in line
+
+
+def test_out_or_cache_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    for flag in ("--out", "--cache"):
+        line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), flag, str(tmp_path / "f")])
+        assert "cannot create --out/--cache folder" in line
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_inception_weights_missing_or_not_inception(tmp_path, capsys):
+    line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"),
+                               "--inception", str(tmp_path / "none.pth")])
+    assert "FID Inception weights not found" in line and "none.pth" in line
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    for name in ("junk.pth", "other.pth"):
+        line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"),
+                                   "--inception", str(tmp_path / name)])
+        assert f"--inception {tmp_path / name}: not the FID Inception weights" in line, line
+
+
+def test_cached_cifar_archive_with_wrong_md5(tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(b"half a download")
+    line = error_line(capsys, ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--steps", "1", "--evals", "1"])
+    assert "MD5 mismatch (corrupt file); delete it to download again" in line
+    assert (tmp_path / "c" / "cifar-10-python.tar.gz").read_bytes() == b"half a download"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_unreadable_cache_files_are_rebuilt(tmp_path, capsys, monkeypatch):
+    """A torn stage-1 cache or FID-reference file is made again, with a note (a cache holds nothing
+    that cannot be rebuilt)."""
+    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--vae-steps", "1"])
+    tiny_demo.check(s)
+    images, _ = tiny_demo.synthetic_images(8)
+    first = tiny_demo.stage1(images, "d", s, torch.device("cpu"))
+    [cached] = tmp_path.glob("stage1-*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])
+    again = tiny_demo.stage1(images, "d", s, torch.device("cpu"))
+    assert torch.equal(first.latents, again.latents) and "is unreadable" in capsys.readouterr().out
+
+    class MeanStd(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1), None
+    monkeypatch.setattr(tiny_demo.fid, "load_inception", lambda *args: MeanStd())
+    meter = tiny_demo.FIDMeter(s, images, "d", torch.device("cpu"))
+    [ref] = tmp_path.glob("fid-ref-*.npz")
+    ref.write_bytes(b"torn")
+    again = tiny_demo.FIDMeter(s, images, "d", torch.device("cpu"))
+    assert np.array_equal(meter.mu, again.mu) and "is unreadable" in capsys.readouterr().out
+
+
+def test_resume_with_nothing_to_resume_starts_from_scratch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    tiny_demo.main([*TINY, "--steps", "2", "--evals", "1", "--out", str(tmp_path / "o"), "--cache",
+                    str(tmp_path / "c"), "--resume"])
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_label_dropout_mask_and_sampler_steps_bad_input():
+    model, (x, t, y) = tiny_sit(), batch(2)
+    with pytest.raises(ValueError, match="mask must be bool \\(2,\\)"):
+        model(x, t, y, drop_labels=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="mask must be bool \\(2,\\)"):
+        model(x, t, y, drop_labels=torch.tensor([True]))
+    with pytest.raises(ValueError, match="no null label"):
+        tiny_sit(class_dropout_prob=0.0)(x, t, y, drop_labels=torch.tensor([True, False]))
+    for sampler in (sra2.sample_sde, sra2.sample_ode):
+        with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+            sampler(model, x, y, num_steps=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_given_label_dropout_mask_is_the_dropout():
+    """drop_labels replaces exactly the masked labels by the null label, in train and eval mode,
+    and training_loss passes it through: the same loss as with those labels nulled by hand."""
+    model, (x, t, y) = perturbed(tiny_sit()), batch(3)
+    drop = torch.tensor([True, False, True])
+    nulled = torch.where(drop, 10, y)
+    assert torch.equal(model.eval()(x, t, y, drop_labels=drop), model(x, t, nulled))
+    z, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    model.train()
+    given = sra2.training_loss(model, z, y, t=t, eps=eps, drop_labels=drop)["loss"]
+    assert torch.equal(given, sra2.training_loss(model.eval(), z, nulled, t=t, eps=eps)["loss"])
+
+
+def test_resume_where_settings_were_clipped_to_the_data(tmp_path, monkeypatch, capsys):
+    """--fid-ref-n above the number of images is clipped to it before anything is saved or compared,
+    so the same command with --resume finds its own checkpoints, not "another run"."""
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    argv = [*TINY, "--steps", "2", "--evals", "1", "--fid-ref-n", "1000", "--out", str(tmp_path / "o"),
+            "--cache", str(tmp_path / "c")]
+    first = tiny_demo.main(argv)
+    again = tiny_demo.main([*argv, "--resume"])
+    assert "finished; its record is reused" in capsys.readouterr().out
+    assert again["sra2", 0]["final_fid"] == first["sra2", 0]["final_fid"]

@@ -4,6 +4,8 @@
     python tiny_demo.py                       # the demo (one GPU; --help lists every knob)
     python tiny_demo.py --quick               # CPU smoke test of the whole pipeline (synthetic data)
     python tiny_demo.py --ablate              # Table 1 of the paper in miniature
+    python tiny_demo.py ... --resume          # after a crash or a kill: the same flags, plus --resume
+    torchrun --nproc_per_node=N tiny_demo.py  # N GPUs (DDP): the same run, the batch split N ways
 
 Pipeline
   1. Data     CIFAR-10 train (50,000 32x32 images), downloaded once from the official archive (MD5
@@ -40,7 +42,8 @@ FID protocol (all FIDs use the EMA weights, no CFG, and fid.py's "tf" convention
 
 Outputs, all under --out: table.txt (what is printed at the end), results.json (every setting and
 number), log.txt, fid_vs_steps.png, fid_vs_time.png, loss_curves.png, samples_stepNNNNNN.png (both
-runs side by side at each checkpoint), samples_final.png, vae_reconstructions.png, ckpt/<run>.pt.
+runs side by side at each checkpoint), samples_final.png, vae_reconstructions.png, ckpt/<run>.pt
+(ckpt/<run>-seed<k>.pt with several seeds).
 Cache (--cache): cifar-10-python.tar.gz, stage1-<key>.pt (VAE + latents), fid-ref-<key>.npz.
 
 Time (ESTIMATED, no GPU run yet): the default run, data and stage 1 cached, about 4.6 min on one
@@ -73,11 +76,29 @@ Choices (and why)
     initial weights after 4,000 steps; this warm-up averages roughly the last tenth of the run.
   - Same data order: the batch of step k is a pure function of (seed, k) (a fresh permutation and
     flip pattern per epoch), so both runs see identical batches and a resumed run needs only k.
-    Same noise: the global RNG is reseeded after the models are built, so t, eps and the label
-    dropout are drawn identically in both runs (training_loss draws them in the same order).
-  - Checkpoints: every --ckpt-minutes and at the end of each run, out/ckpt/<run>.pt, written to a
-    temporary file and renamed; model, EMA, projector, optimizer, step, settings, RNG states and
+    Same noise: t, eps and the label-dropout mask of step k are drawn for the whole batch from a
+    generator seeded by (seed, k) (step_noise), so they too are the same in both runs, after a
+    resume, and under torchrun (each rank takes its share of the same draw).
+  - Checkpoints: every --ckpt-minutes (and every --ckpt-every steps) and at the end of each run,
+    out/ckpt/<run>.pt, written to a temporary file and renamed (a kill during a save leaves the
+    previous file whole); model, EMA, projector, optimizer, step, settings, RNG states and
     history, all plain tensors and Python values, so torch.load(weights_only=True) reads them.
+    --resume continues each run from its file (a finished run is not trained again; its record is
+    reused) and ends bit for bit where an uninterrupted run ends on a CPU (tested with SIGKILL).
+    It refuses, in one line and before touching anything, a file that is unreadable or from other
+    settings (only where files go and how fast or often it runs may change); and a fresh start
+    refuses to overwrite an unfinished run's file. A non-finite loss or gradient stops the run
+    with the step where it first appeared; checkpoints are written only after that check, so the
+    last one on disk is good.
+  - Multi-GPU: `torchrun --nproc_per_node=N tiny_demo.py ...` runs DistributedDataParallel (NCCL
+    on CUDA, gloo with --device cpu). Rank r trains on samples r, r + N, ... of each global batch
+    (--batch-size must divide by N), so N processes compute the run one process would, up to
+    float rounding (tested: two gloo ranks against one process). SiT and P are wrapped
+    separately; every parameter of each gets a gradient every step, so DDP never reports unused
+    ones. Rank 0 alone prints and writes files; rank 0 first builds the caches, which the others
+    then read (one machine, or a shared --cache); FID sampling is split by chunk across ranks and
+    gathered, Inception runs on rank 0. Resuming with another N continues the same run, up to
+    float rounding (tested: a one-process run resumed on two gloo ranks).
   - Small FIDs (<= 256 images: --quick and the tests on a CPU) take a shortcut that is exact, not
     approximate: with S_gen = B^T B (B the n x 2048 centred features / sqrt(n - 1)),
     tr((S_ref S_gen)^1/2) = tr((B S_ref B^T)^1/2), an n x n eigenproblem instead of 2048 x 2048.
@@ -105,7 +126,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from PIL import Image, ImageDraw, ImageFont
 
 import fid
@@ -136,6 +159,13 @@ class DemoError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line too (argparse's own error prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"tiny_demo: error: {message} (see --help)\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # Small utilities: one-line logging, progress line, atomic files, time formatting
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +175,9 @@ LOG_FILE = None
 
 
 def say(*lines):
-    """Print and append to out/log.txt, so the log holds exactly what the user saw."""
+    """Print and append to out/log.txt, so the log holds exactly what the user saw (rank 0 only)."""
+    if rank_and_world()[0] != 0:
+        return
     for line in lines:
         print(line, flush=True)
         if LOG_FILE is not None:
@@ -171,6 +203,8 @@ class Progress:
 
     def update(self, done, note="", elapsed=None, force=False):
         now = time.perf_counter()
+        if rank_and_world()[0] != 0:                                   # one progress line, not one per GPU
+            return
         if not force and done < self.total and now - self.last < (0.5 if self.tty else 15):
             return
         self.last = now
@@ -202,6 +236,47 @@ def atomic_save(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def rank_and_world():
+    """(rank, number of processes): (0, 1) unless started by torchrun (see main)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank0_first(fn, *args):
+    """fn(*args) on rank 0 first (it downloads, trains stage 1, writes the cache), then on the
+    others, which find the cache. The barrier is in `finally`: a rank 0 that fails releases the
+    others, which then fail the same way instead of waiting forever."""
+    rank, world = rank_and_world()
+    if rank > 0:
+        dist.barrier()
+    try:
+        return fn(*args)
+    finally:
+        if rank == 0 and world > 1:
+            dist.barrier()
+
+
+def from_rank0(fn, *args):
+    """fn(*args) computed on rank 0 only (an FID needs one Inception, not one per GPU), its value
+    sent to every rank, so all ranks keep the same record."""
+    rank, world = rank_and_world()
+    value = [fn(*args) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def read_cache(path, load):
+    """load() of a cache file, or None if there is none or it is unreadable (then it is rebuilt:
+    a cache holds nothing that cannot be made again)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return load()
+    except Exception as error:
+        say(f"note: cache file {path} is unreadable ({type(error).__name__}); building it again")
+        return None
 
 
 def digest(*parts):
@@ -437,8 +512,8 @@ def stage1(images, data_id, s, device):
     settings = dict(width=s.vae_width, channels=s.latent_channels, kl=s.vae_kl, lr=s.vae_lr,
                     steps=s.vae_steps, batch=s.vae_batch, seed=VAE_SEED, version=1)
     path = Path(s.cache) / f"stage1-{digest(settings, data_id)}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_cache(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+    if saved is not None:
         say(f"stage 1: VAE and latents from the cache ({path.name})")
     else:
         t0 = time.perf_counter()
@@ -492,15 +567,24 @@ class FIDMeter:
 
     def __init__(self, s, images, data_id, device):
         self.device = device
-        self.model = fid.load_inception(s.inception, device)
+        self.n_ref = min(s.fid_ref_n, len(images))                    # what the reference really holds
+        try:
+            self.model = fid.load_inception(s.inception, device)
+        except FileNotFoundError:
+            raise
+        except Exception as error:                                     # not a torch file, other weights
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            raise DemoError(f"--inception {s.inception}: not the FID Inception weights "
+                            f"({type(error).__name__}: {reason})") from None
         weights = Path(s.inception) if s.inception else None
-        key = digest(data_id, s.fid_ref_n, "tf", weights.name if weights else "default",
+        key = digest(data_id, self.n_ref, "tf", weights.name if weights else "default",
                      weights.stat().st_size if weights else 0)
         path = Path(s.cache) / f"fid-ref-{key}.npz"
-        if path.is_file():
-            self.mu, self.sigma = fid.load_statistics(path)
+        cached = read_cache(path, lambda: fid.load_statistics(path))
+        if cached is not None:
+            self.mu, self.sigma = cached
         else:
-            ref = images[:s.fid_ref_n]
+            ref = images[:self.n_ref]
             say(f"FID reference: Inception statistics of {len(ref)} training images (cached afterwards)")
             self.mu, self.sigma = self.statistics(ref)
             atomic_save(path, lambda tmp: fid.save_statistics(tmp, self.mu, self.sigma, "tf"))
@@ -534,21 +618,27 @@ class FIDMeter:
 @torch.no_grad()
 def generate(model, stage, n, num_steps, s, device, label):
     """n images (uint8 NHWC) from `model` with the papers' Euler-Maruyama sampler, no CFG. Noise
-    and labels (image i has class i % 10) come from a fixed seed: matched across runs and steps."""
-    labels = torch.arange(n, device=device) % 10
+    and labels (image i has class i % 10) come from a fixed seed: matched across runs and steps.
+    Under torchrun, rank r samples chunks r, r + world, ... and every rank gets all n images."""
+    rank, world = rank_and_world()
+    chunks = list(enumerate((torch.arange(n, device=device) % 10).split(s.sample_batch)))
     C, H = s.latent_channels, 16
-    images, bar = [], Progress(f"  sampling {label}", n, "img")
-    for chunk, y in enumerate(labels.split(s.sample_batch)):
-        # A generator per chunk: chunk c's draws depend on (seed, c) only, so chunks can be
-        # shared out across GPUs later without changing a single sample.
+    mine, bar = [], Progress(f"  sampling {label}", sum(len(y) for _, y in chunks[rank::world]), "img")
+    for chunk, y in chunks[rank::world]:
+        # A generator per chunk: chunk c's draws depend on (seed, c) only, so sharing the chunks
+        # out across GPUs changes not a single sample.
         generator = torch.Generator(device).manual_seed(10_007 * (s.seed + 1) + chunk)
         noise = torch.randn(len(y), C, H, H, generator=generator, device=device)
         with sra2.autocast(device, enabled=device.type == "cuda"):
             z = sra2.sample_sde(model, noise, y, num_steps=num_steps, generator=generator)
-        images.append(decode(stage, z))
-        bar.update(sum(len(i) for i in images))
+        mine.append((chunk, decode(stage, z)))
+        bar.update(sum(len(images) for _, images in mine))
     bar.close()
-    return torch.cat(images)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)                         # CPU uint8 images, small
+        mine = sorted((part for parts in gathered for part in parts), key=lambda part: part[0])
+    return torch.cat([images for _, images in mine])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,60 +682,106 @@ def batch_indices(step, n, batch_size, seed):
     return idx, flip[idx]
 
 
+def step_noise(generator, seed, step, shape, drop_prob):
+    """t, eps and the label-dropout mask of the whole global batch of step `step`, from (seed, step)
+    alone, like the batch itself: both runs draw the same, a resumed run needs nothing but the
+    step, and under torchrun each rank takes its share of exactly what one process would draw."""
+    generator.manual_seed((seed + 1) << 32 | step)
+    t = torch.rand(shape[0], generator=generator, device=generator.device)       # t ~ U[0, 1)
+    eps = torch.randn(shape, generator=generator, device=generator.device)       # eps ~ N(0, I)
+    drop = torch.rand(shape[0], generator=generator, device=generator.device) < drop_prob
+    return t, eps, drop
+
+
+def data_parallel(module, device):
+    """Under torchrun, the module in DistributedDataParallel: it starts every rank from rank 0's
+    weights and averages the gradients over the ranks during backward. SiT and P get a wrapper
+    each, since training_loss calls them one after the other; every parameter of both gets a
+    gradient at every step (the baseline has no P), so DDP's unused-parameter error cannot occur."""
+    if module is None or rank_and_world()[1] == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
 def train_run(run, stage, labels, s, device, fid_meter, out):
-    """Train one run for s.steps; evaluate FID at s.evals checkpoints. Returns its record."""
+    """Train one run for s.steps (with --resume, from its checkpoint on); evaluate FID at s.evals
+    checkpoints. Returns its record. Under torchrun, every rank runs this; rank 0 saves."""
+    rank, world = rank_and_world()
     model, projector = build(s, run, device)
     ema = sra2.create_ema(model)
     params = [p for p in model.parameters() if p.requires_grad] + list(projector.parameters() if projector else [])
     opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=0, fused=device.type == "cuda")
-    forward = torch.compile(model) if s.compile else model
-    latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
-    eval_steps = {round(s.steps * (i + 1) / s.evals) for i in range(s.evals)}
     rec = dict(name=run.name, label=run.label, seed=s.seed, settings=run.settings, log=[], evals=[],
                params=sum(p.numel() for p in model.parameters()),
                projector_params=sum(p.numel() for p in projector.parameters()) if projector else 0)
-    torch.manual_seed(s.seed + 1)                                      # same t, eps, dropout in both runs
-    sums, wall, last_ckpt = torch.zeros(3, device=device), 0.0, time.perf_counter()
+    path, start = ckpt_path(s, out, run), 0
+    if s.resume and path.is_file():                                    # checked by check_checkpoints
+        start, rec = restore(load_checkpoint(path, s, run), model, ema, projector, opt)
+        say(f"{run.label}: " + ("finished; its record is reused" if "final_fid" in rec else f"resumed at step {start}")
+            + f" ({path})")
+        if "final_fid" in rec:
+            return rec
+    net, proj = data_parallel(model, device), data_parallel(projector, device)
+    forward = torch.compile(net) if s.compile else net
+    latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
+    eval_steps = {round(s.steps * (i + 1) / s.evals) for i in range(s.evals)}
+    generator, mine = torch.Generator(device), slice(rank, None, world)   # this rank's share of a global batch
+    sums, first_bad = torch.zeros(4, device=device), torch.zeros((), dtype=torch.long, device=device)
+    wall, last_log, saved, last_ckpt = rec.get("wall", 0.0), start, start or None, time.perf_counter()
     bar, tic = Progress(f"stage 2: {run.label}", s.steps), time.perf_counter()
-    for step in range(1, s.steps + 1):
+    for step in range(start + 1, s.steps + 1):
         idx, flip = batch_indices(step - 1, len(labels), s.batch_size, s.seed)
-        z, y = latents[flip.to(device), idx.to(device)], labels[idx.to(device)]   # (B, C, 16, 16), (B,)
+        t, eps, drop = step_noise(generator, s.seed, step, (s.batch_size, *latents.shape[2:]),
+                                  model.config.class_dropout_prob)
+        idx, flip, t, eps, drop = idx[mine], flip[mine], t[mine], eps[mine], drop[mine]
+        z, y = latents[flip.to(device), idx.to(device)], labels[idx.to(device)]   # (B/world, C, 16, 16), (B/world,)
         with sra2.autocast(device, enabled=device.type == "cuda"):
-            parts = sra2.training_loss(forward, z, y, projector, lam=run.lam, align_depth=run.align_depth,
-                                       align_loss=run.align_loss, t_range=run.t_range)
+            parts = sra2.training_loss(forward, z, y, proj, lam=run.lam, align_depth=run.align_depth,
+                                       align_loss=run.align_loss, t_range=run.t_range, t=t, eps=eps, drop_labels=drop)
         opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        parts["loss"].backward()                                       # DDP: gradients averaged over ranks
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         sra2.update_ema(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up
-        sums += torch.stack([parts["loss"], parts["denoise"], parts["align"]]).detach()
-        if step % s.log_every == 0 or step in eval_steps:              # one host sync per log line
-            loss, denoise, align = (sums / (step - (rec["log"][-1]["step"] if rec["log"] else 0))).tolist()
+        terms = torch.stack([parts["loss"], parts["denoise"], parts["align"], grad_norm]).detach()
+        sums += terms
+        first_bad = torch.where((first_bad == 0) & ~terms.isfinite().all(), step, first_bad)   # no host sync
+        ckpt_due = s.ckpt_every > 0 and step % s.ckpt_every == 0
+        if step % s.log_every == 0 or step in eval_steps or ckpt_due:  # one host sync per log line
+            if world > 1:                                              # the global batch's numbers, on every rank
+                dist.all_reduce(sums)
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            loss, denoise, align, norm = (sums / (world * (step - last_log))).tolist()
             sums.zero_()
-            if not math.isfinite(loss):
-                raise DemoError(f"{run.label}: loss is {loss} at step {step}; stopping (last good "
-                                f"checkpoint kept in {out / 'ckpt'})")
-            wall += sync_time(device, tic)
-            rec["log"].append(dict(step=step, loss=loss, denoise=denoise, align=align, wall=wall))
+            if first_bad:                                              # stop before a checkpoint can save it
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+                kept = f"the last good checkpoint, step {saved}, is kept: {path}" if saved else "no checkpoint yet"
+                raise DemoError(f"{run.label}: {what} at step {first_bad.item()}; stopping ({kept})")
+            wall, last_log = wall + sync_time(device, tic), step
+            rec["log"].append(dict(step=step, loss=loss, denoise=denoise, align=align, grad_norm=norm, wall=wall))
             bar.update(step, f"loss {loss:.4f} (denoise {denoise:.4f}, align {align:.4f})", elapsed=wall)
             if step in eval_steps:
                 bar.close()
-                images = generate(ema, stage, s.fid_n, s.fid_sampling_steps, s, device, f"{run.label} @ {step}")
-                rec["evals"].append(dict(step=step, wall=wall, fid=fid_meter(images)))
-                rec.setdefault("grids", {})[step] = images[:100]
-                say(f"  {run.label} step {step}: {s.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
-                    f"(train time {fmt_time(wall)}, {step / wall:.1f} it/s)")
-            if s.ckpt_minutes > 0 and time.perf_counter() - last_ckpt > 60 * s.ckpt_minutes:
-                save_checkpoint(out / "ckpt" / f"{run.name}.pt", model, ema, projector, opt, step, s, run,
-                                rec | dict(wall=wall))
-                last_ckpt = time.perf_counter()
+                evaluate(ema, stage, s, device, fid_meter, rec, step, wall, run.label)
+            if rank == 0 and (ckpt_due or 0 < s.ckpt_minutes < (time.perf_counter() - last_ckpt) / 60):
+                save_checkpoint(path, model, ema, projector, opt, step, s, run, rec | dict(wall=wall))
+                saved, last_ckpt = step, time.perf_counter()
             tic = time.perf_counter()                                  # evals and saves don't count
     bar.close()
     images = generate(ema, stage, s.final_fid_n, s.final_sampling_steps, s, device, f"{run.label} final")
-    rec.update(final_fid=fid_meter(images), final_grid=images[:100], wall=wall)
-    if s.ckpt_minutes > 0:                                             # the finished run, record included
-        save_checkpoint(out / "ckpt" / f"{run.name}.pt", model, ema, projector, opt, s.steps, s, run, rec)
+    rec.update(final_fid=from_rank0(fid_meter, images), final_grid=images[:100], wall=wall)
+    if rank == 0 and (s.ckpt_minutes > 0 or s.ckpt_every > 0):        # the finished run, record included
+        save_checkpoint(path, model, ema, projector, opt, s.steps, s, run, rec)
     return rec
+
+
+def evaluate(ema, stage, s, device, fid_meter, rec, step, wall, label):
+    """A checkpoint of the FID curve: s.fid_n samples of the EMA model, their FID and grid."""
+    images = generate(ema, stage, s.fid_n, s.fid_sampling_steps, s, device, f"{label} @ {step}")
+    rec["evals"].append(dict(step=step, wall=wall, fid=from_rank0(fid_meter, images)))
+    rec.setdefault("grids", {})[step] = images[:100]
+    say(f"  {label} step {step}: {s.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
+        f"(train time {fmt_time(wall)}, {step / wall:.1f} it/s)")
 
 
 def sync_time(device, tic):
@@ -654,12 +790,29 @@ def sync_time(device, tic):
     return time.perf_counter() - tic
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: save, check, restore (--resume)
+# ---------------------------------------------------------------------------------------------
+
+CKPT_FORMAT = "tiny_demo/1"
+CKPT_KEYS = {"format", "step", "settings", "run", "model", "ema", "projector", "optimizer", "rng", "record"}
+# Settings a resumed run may change: where files are, how fast it runs, how often it saves. Any
+# other difference would make the resumed run a different run. (ckpt_fid, final_fid: derived.)
+RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume", "ckpt_minutes",
+               "ckpt_every", "argv", "seed", "seeds", "quick", "ablate", "ckpt_fid", "final_fid"}
+
+
+def ckpt_path(s, out, run):
+    """out/ckpt/<run>.pt; with several seeds, <run>-seed<k>.pt (each seed's run is its own)."""
+    return Path(out) / "ckpt" / (f"{run.name}.pt" if len(s.seeds) == 1 else f"{run.name}-seed{s.seed}.pt")
+
+
 def save_checkpoint(path, model, ema, projector, opt, step, s, run, rec):
     """Everything a resume needs, as plain tensors and Python values (torch.load(weights_only=True)):
     weights, optimizer, RNG states, and the run's record so far (losses, FIDs, grids, wall time).
-    The data position is `step` itself (see batch_indices). Saved right after a log line, so the
-    loss accumulator is empty."""
-    state = dict(format="tiny_demo/1", step=step, settings=vars(s), run=vars(run),
+    The data position is `step` itself (see batch_indices and step_noise). Saved right after a
+    log line, so the loss accumulator is empty."""
+    state = dict(format=CKPT_FORMAT, step=step, settings=vars(s), run=vars(run),
                  model=model.state_dict(), ema=ema.state_dict(),
                  projector=projector.state_dict() if projector is not None else {},
                  optimizer=opt.state_dict(),
@@ -667,6 +820,73 @@ def save_checkpoint(path, model, ema, projector, opt, step, s, run, rec):
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                  record=rec)
     atomic_save(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, s, run, mmap=False):
+    """The checkpoint at `path`, checked to be this run's, else one clear line. torch.load with
+    weights_only=True runs no code from the file; nothing is written or moved here."""
+    fix = "nothing was changed; move it away to start this run over"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:                                         # torn, truncated, not torch, doctored
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise DemoError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {reason}); "
+                        f"{fix}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT or not CKPT_KEYS <= set(ckpt):
+        raise DemoError(f"--resume: {path} is not a {CKPT_FORMAT} checkpoint; {fix}")
+    show = lambda value: json.dumps(value, sort_keys=True, default=str)
+    then, now = ckpt["settings"], vars(s)
+    changed = [k for k in sorted(set(then) | set(now))
+               if k not in RESUME_FREE and show(then.get(k)) != show(now.get(k))]
+    changed += ["seed"] if ckpt["record"].get("seed") != s.seed else []
+    changed += ["run"] if show(ckpt["run"]) != show(vars(run)) else []
+    if changed:
+        name = lambda k: ({"data_id": "the training data", "run": "the run's SRA 2 settings"}
+                          .get(k, "--" + k.replace("_", "-")))
+        diffs = "; ".join(f"{name(k)}: {show(then.get(k, ckpt['record'].get(k)))} there, "
+                          f"{show(now.get(k, getattr(s, k, None)))} now" for k in changed[:3])
+        raise DemoError(f"--resume: {path} is from another run ({diffs}); {fix}, or resume with its settings")
+    return ckpt
+
+
+def restore(ckpt, model, ema, projector, opt):
+    """Load a checked checkpoint into the freshly built run. Returns (step, record)."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    if projector is not None:
+        projector.load_state_dict(ckpt["projector"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])                            # not used by training (keyed draws),
+    if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():   # kept anyway
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"], ckpt["record"]
+
+
+def check_checkpoints(s, runs, out):
+    """Before any work. --resume: every checkpoint there must be readable and this run's.
+    Without it: an unfinished run's checkpoint is never overwritten by a fresh start."""
+    found = []
+    for seed in s.seeds:
+        s.seed = seed
+        for _, _, run in runs:
+            path = ckpt_path(s, out, run)
+            if not path.is_file():
+                continue
+            if s.resume:
+                found.append(load_checkpoint(path, s, run, mmap=True)["step"])
+                continue
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                unfinished = "final_fid" not in ckpt["record"]
+            except Exception:                                          # unreadable: nothing to lose
+                continue
+            if unfinished:
+                raise DemoError(f"{path} holds an unfinished run (step {ckpt['step']} of "
+                                f"{ckpt['settings'].get('steps')}): pass --resume to continue it, or move it "
+                                "away to start over")
+    s.seed = s.seeds[0]
+    if s.resume and not found:
+        say(f"--resume: no checkpoint in {Path(out) / 'ckpt'}; starting from scratch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,8 +1033,12 @@ def speedup_lines(base, sra, s):
         return [head, f"  SRA 2 does NOT reach it (its best: {min(sra_fid):.2f}): "
                       "no speed-up at this scale and length"], None
     t, _ = reach([e["wall"] for e in sra["evals"]], sra_fid, target)
-    where = f"at step {x:.0f}" if exact else f"already at its first checkpoint, step {x:.0f}"
-    return [head, f"  SRA 2 reaches it {where}: {x / steps[-1]:.2f} of the steps ({steps[-1] / x:.2f}x fewer);",
+    if exact:
+        share = f"at step {x:.0f}: {x / steps[-1]:.2f} of the steps ({steps[-1] / x:.2f}x fewer);"
+    else:                                          # only a bound: no earlier checkpoint to interpolate
+        share = (f"already at its first checkpoint, step {x:.0f}: at most {x / steps[-1]:.2f} of the "
+                 f"steps (at least {steps[-1] / x:.2f}x fewer; a bound, not a measurement);")
+    return [head, f"  SRA 2 reaches it {share}",
             f"  in wall-clock {fmt_time(t)} against the baseline's {fmt_time(base['wall'])} "
             f"({t / base['wall']:.2f}, {base['wall'] / t:.2f}x)"], x / steps[-1]
 
@@ -885,7 +1109,7 @@ def ablation_runs(s, depth):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     add = p.add_argument
     both = lambda key, text="": dict(default=None, help=f"{text} (default {DEFAULTS['full'][key] or 'all'}; "
                                                        f"--quick {DEFAULTS['quick'][key]})".lstrip())
@@ -921,6 +1145,10 @@ def parse_args(argv=None):
     g.add_argument("--n-images", type=int, **both("n_images", "use the first N training images"))
     g.add_argument("--log-every", type=int, **both("log_every", "steps per loss log line"))
     g.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint period, 0 = never (%(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=0, metavar="N",
+                   help="also a checkpoint (and a log line) every N steps, 0 = never (%(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue each run from --out/ckpt/<run>.pt; finished runs are not trained again")
     g = p.add_argument_group("FID protocol")
     g.add_argument("--evals", type=int, **both("evals", "checkpoints with FID per run (--ablate: 1)"))
     g.add_argument("--fid-n", type=int, **both("fid_n", "images per checkpoint FID"))
@@ -956,15 +1184,26 @@ def check(s):
         s.seeds = [int(v) for v in str(s.seed).split(",")]
     except ValueError:
         raise DemoError(f"--seed {s.seed!r}: need an integer or comma-separated integers") from None
+    if len(set(s.seeds)) < len(s.seeds) or not all(0 <= seed < 2**31 for seed in s.seeds):
+        raise DemoError(f"--seed {s.seed!r}: need distinct seeds in 0..{2**31 - 1}")
     s.seed = s.seeds[0]
     for name in ("steps", "batch_size", "evals", "threads", "vae_steps", "vae_batch", "sample_batch", "mlp_depth",
-                 "log_every", "vae_width", "latent_channels"):
+                 "log_every", "vae_width", "latent_channels", "fid_sampling_steps", "final_sampling_steps"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     for name in ("fid_n", "final_fid_n", "fid_ref_n"):
         if getattr(s, name) < 2:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 2 (FID needs a covariance), "
                             f"got {getattr(s, name)}")
+    for name in ("lr", "grad_clip", "ema_decay", "lam", "vae_lr", "vae_kl", "ckpt_minutes", "t_range"):
+        if not all(map(math.isfinite, np.atleast_1d(getattr(s, name)))):
+            raise DemoError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(s, name)}")
+    if s.grad_clip <= 0 or s.vae_lr <= 0 or s.vae_kl < 0 or s.ckpt_minutes < 0 or s.ckpt_every < 0:
+        raise DemoError("--grad-clip and --vae-lr must be > 0; --vae-kl, --ckpt-minutes and --ckpt-every >= 0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))                    # set by torchrun
+    if s.batch_size % world:
+        raise DemoError(f"--batch-size {s.batch_size} does not split evenly over {world} processes "
+                        "(the global batch is shared out across torchrun's ranks)")
     if s.vae_width % 8:
         raise DemoError(f"--vae-width must be a multiple of 8 (GroupNorm groups), got {s.vae_width}")
     if s.evals > s.steps:
@@ -992,6 +1231,13 @@ def setup(s):
         device = sra2.pick_device(s.device)
     except (ValueError, RuntimeError) as error:
         raise DemoError(f"--device {s.device}: {error}") from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():    # started by torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+            torch.cuda.set_device(device)
+        elif device.type != "cpu":
+            raise DemoError(f"torchrun on {device.type}: use CUDA (NCCL) or --device cpu (gloo)")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if s.threads is not None or (s.quick and device.type == "cpu"):
         # One thread for the quick mode: its ops are small, and OpenMP threads spin-wait for each
         # other, so on a busy machine 2 threads ran it 5x slower than 1 (239 s vs 51 s, 2 cores).
@@ -1001,15 +1247,19 @@ def setup(s):
         torch.backends.cudnn.allow_tf32 = True
     out = Path(s.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if rank_and_world()[0] == 0:                                   # the other ranks write nothing
+            out.mkdir(parents=True, exist_ok=True)
         Path(s.cache).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DemoError(f"cannot create --out/--cache folder ({error})") from None
-    LOG_FILE = out / "log.txt"
-    with open(LOG_FILE, "a") as f:                                     # each run's log starts with its command
-        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py {' '.join(s.argv)}\n")
+    rank, world = rank_and_world()
+    if rank == 0:                                                      # only rank 0 writes files
+        LOG_FILE = out / "log.txt"
+        with open(LOG_FILE, "a") as f:                                 # each run's log starts with its command
+            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py {' '.join(s.argv)}\n")
     card = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    card += f" x {world} processes (DDP)" if world > 1 else ""
     return device, out, card
 
 
@@ -1026,38 +1276,47 @@ def main(argv=None):
         device, out, card = setup(s)
         return demo(s, device, out, card)
     except (DemoError, FileNotFoundError) as error:                    # FileNotFound: Inception weights
-        print("tiny_demo: error: " + " ".join(str(error).split()), file=sys.stderr)   # one line, always
+        if os.environ.get("RANK", "0") == "0":                         # every rank fails alike; one says so
+            print("tiny_demo: error: " + " ".join(str(error).split()), file=sys.stderr)   # one line, always
         raise SystemExit(2)
     finally:
         global LOG_FILE
         LOG_FILE = None
         torch.set_num_threads(threads)                                 # main() may be called in-process
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def demo(s, device, out, card):
     t_start = time.perf_counter()
     quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if s.quick else None
-    images, labels, data_desc, data_id = load_data(s)
+    images, labels, data_desc, data_id = rank0_first(load_data, s)    # rank 0 downloads
+    s.data_id = data_id                                                # a resumed run must see the same data
+    s.fid_ref_n = min(s.fid_ref_n, len(labels))                        # what the reference really holds; on
+                                                                       # every rank, before checkpoints compare it
     if s.batch_size > len(labels):
         raise DemoError(f"--batch-size {s.batch_size} is more than the {len(labels)} training images")
-    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
-    fid_meter = FIDMeter(s, images, data_id, device)                   # fails early without weights
-    stage = stage1(images, data_id, s, device)
-
-    # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind this decoder.
-    n_floor = max(s.fid_n, s.final_fid_n)
-    recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(s.sample_batch)])
-    floor = dict(ckpt=fid_meter(recon[:s.fid_n]), final=fid_meter(recon[:s.final_fid_n]))
-    n_show = min(50, len(recon))
-    panels(out / "vae_reconstructions.png",
-           [("real", images[:n_show]), ("VAE reconstruction", recon[:n_show].numpy())],
-           f"stage 1: VAE 32x32x3 -> 16x16x{s.latent_channels} -> 32x32x3")
-    say(f"VAE reconstruction floor: {s.ckpt_fid} {floor['ckpt']:.2f}, {s.final_fid} {floor['final']:.2f}")
-
     _, _, config = model_config(s)
     runs = ([row for row in ablation_runs(s, config.depth)] if s.ablate else
             [("", "baseline", make_run(s, "baseline", f"{s.model}", False)),
              ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))])
+    check_checkpoints(s, runs, out)                                    # before any work or any write
+    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
+    # FID on rank 0 only; it fails early without weights.
+    fid_meter = FIDMeter(s, images, data_id, device) if rank_and_world()[0] == 0 else None
+    stage = rank0_first(stage1, images, data_id, s, device)            # rank 0 trains, the others read
+
+    # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind this decoder.
+    n_floor = max(s.fid_n, s.final_fid_n)
+    recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(s.sample_batch)])
+    floor = dict(ckpt=from_rank0(fid_meter, recon[:s.fid_n]), final=from_rank0(fid_meter, recon[:s.final_fid_n]))
+    n_show = min(50, len(recon))
+    if rank_and_world()[0] == 0:
+        panels(out / "vae_reconstructions.png",
+               [("real", images[:n_show]), ("VAE reconstruction", recon[:n_show].numpy())],
+               f"stage 1: VAE 32x32x3 -> 16x16x{s.latent_channels} -> 32x32x3")
+    say(f"VAE reconstruction floor: {s.ckpt_fid} {floor['ckpt']:.2f}, {s.final_fid} {floor['final']:.2f}")
+
     records = {}                                                       # (run name, seed) -> record
     for seed in s.seeds:
         s.seed = seed
@@ -1065,7 +1324,8 @@ def demo(s, device, out, card):
             if (run.name, seed) not in records:
                 records[run.name, seed] = train_run(run, stage, labels, s, device, fid_meter, out)
     s.seed = s.seeds[0]
-    report(s, runs, records, floor, stage, out, card, data_desc, quick, time.perf_counter() - t_start)
+    if rank_and_world()[0] == 0:                                       # only rank 0 writes
+        report(s, runs, records, floor, stage, out, card, data_desc, quick, time.perf_counter() - t_start)
     return records
 
 
