@@ -1274,6 +1274,16 @@ class FakeFID:
         return 1.0 + float(np.asarray(images, np.float64).mean())
 
 
+def test_clipped_steps_are_counted_per_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    tiny_clip = lambda clip: tiny_demo.main([*TINY, "--grad-clip", clip, "--out", str(tmp_path / clip),
+                                             "--cache", str(tmp_path / "cache")])
+    every, never = tiny_clip("1e-9"), tiny_clip("1e9")                 # every step clipped / none
+    assert every["baseline", 0]["clipped"] == every["sra2", 0]["clipped"] == 10
+    assert never["baseline", 0]["clipped"] == never["sra2", 0]["clipped"] == 0
+    assert "baseline 10, SRA 2 10 of 10 steps" in (tmp_path / "1e-9" / "table.txt").read_text()
+
+
 def test_ablation_prints_table_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
     records = tiny_demo.main([*TINY, "--ablate", "--steps", "4", "--evals", "1", "--out", str(tmp_path / "out"),

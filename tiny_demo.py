@@ -726,7 +726,7 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
     latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
     eval_steps = {round(s.steps * (i + 1) / s.evals) for i in range(s.evals)}
     generator, mine = torch.Generator(device), slice(rank, None, world)   # this rank's share of a global batch
-    sums, first_bad = torch.zeros(4, device=device), torch.zeros((), dtype=torch.long, device=device)
+    sums, first_bad = torch.zeros(5, device=device), torch.zeros((), dtype=torch.long, device=device)
     wall, last_log, saved, last_ckpt = rec.get("wall", 0.0), start, start or None, time.perf_counter()
     bar, tic = Progress(f"stage 2: {run.label}", s.steps), time.perf_counter()
     for step in range(start + 1, s.steps + 1):
@@ -744,14 +744,18 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
         opt.step()
         sra2.update_ema(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up
         terms = torch.stack([parts["loss"], parts["denoise"], parts["align"], grad_norm]).detach()
-        sums += terms
+        sums += torch.cat([terms, (grad_norm > s.grad_clip).float()[None]])   # the last: steps clipped
         first_bad = torch.where((first_bad == 0) & ~terms.isfinite().all(), step, first_bad)   # no host sync
+        if step == start + 1:                      # compile and CUDA start-up: not train time, in both runs
+            sync_time(device, tic)
+            tic = time.perf_counter()
         ckpt_due = s.ckpt_every > 0 and step % s.ckpt_every == 0
         if step % s.log_every == 0 or step in eval_steps or ckpt_due:  # one host sync per log line
             if world > 1:                                              # the global batch's numbers, on every rank
                 dist.all_reduce(sums)
                 dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-            loss, denoise, align, norm = (sums / (world * (step - last_log))).tolist()
+            loss, denoise, align, norm, clipped = (sums / (world * (step - last_log))).tolist()
+            rec["clipped"] = rec.get("clipped", 0) + round(clipped * (step - last_log))
             sums.zero_()
             if first_bad:                                              # stop before a checkpoint can save it
                 what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
@@ -1243,8 +1247,8 @@ def setup(s):
         # other, so on a busy machine 2 threads ran it 5x slower than 1 (239 s vs 51 s, 2 cores).
         torch.set_num_threads(s.threads or 1)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True                   # fp32 matmuls outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")                   # TF32 for fp32 matmuls outside
+        torch.backends.cudnn.benchmark = True                          # autocast (cuDNN convs: TF32 by default)
     out = Path(s.out)
     try:
         if rank_and_world()[0] == 0:                                   # the other ranks write nothing
@@ -1355,7 +1359,11 @@ def report(s, runs, records, floor, stage, out, card, data_desc, quick, total_se
                             for b, a in zip(base["evals"], sra["evals"])])
             text, speedups[seed] = speedup_lines(base, sra, s)
             lines += [""] + text + [f"  time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% "
-                                    "against the baseline"]
+                                    "against the baseline (the first step of each run, compile and start-up, "
+                                    "is not timed)",
+                                    f"  gradient norm above the clip {s.grad_clip:g} (SiT and P together, as "
+                                    f"REPA): baseline {base.get('clipped', 0)}, SRA 2 {sra.get('clipped', 0)} "
+                                    f"of {s.steps} steps"]
         if len(s.seeds) > 1:                                           # a claim needs two seeds
             text, speedups["mean"] = speedup_lines(*(mean_record([records[name, x] for x in s.seeds])
                                                      for name in (base_name, sra_name)), s)
