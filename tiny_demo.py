@@ -666,18 +666,22 @@ def build(s, run, device):
 
 
 @functools.lru_cache(maxsize=2)
-def epoch_order(seed, epoch, n):
-    """A permutation of the n images and a flip bit per image, from (seed, epoch) alone."""
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n, device="cpu"):
+    """A permutation of the n images and a flip bit per image, from (seed, epoch) alone. Drawn on the
+    CPU (the same on every device) and copied once per epoch, so the steps slice it on the device
+    without a host-to-device copy (and the wait it brings) each step."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g)
+    perm, flip = torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g)
+    return perm.to(device), flip.to(device)
 
 
-def batch_indices(step, n, batch_size, seed):
+def batch_indices(step, n, batch_size, seed, device="cpu"):
     """Images and flips of training step `step`: a fresh permutation and flip pattern per epoch,
     a pure function of (seed, step), so every run sees the same batches and resuming needs only
     the step. The last partial batch of an epoch is dropped."""
     epoch, i = divmod(step, n // batch_size)
-    perm, flip = epoch_order(seed, epoch, n)
+    perm, flip = epoch_order(seed, epoch, n, torch.device(device))
     idx = perm[i * batch_size:(i + 1) * batch_size]
     return idx, flip[idx]
 
@@ -730,11 +734,11 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
     wall, last_log, saved, last_ckpt = rec.get("wall", 0.0), start, start or None, time.perf_counter()
     bar, tic = Progress(f"stage 2: {run.label}", s.steps), time.perf_counter()
     for step in range(start + 1, s.steps + 1):
-        idx, flip = batch_indices(step - 1, len(labels), s.batch_size, s.seed)
+        idx, flip = batch_indices(step - 1, len(labels), s.batch_size, s.seed, device)
         t, eps, drop = step_noise(generator, s.seed, step, (s.batch_size, *latents.shape[2:]),
                                   model.config.class_dropout_prob)
         idx, flip, t, eps, drop = idx[mine], flip[mine], t[mine], eps[mine], drop[mine]
-        z, y = latents[flip.to(device), idx.to(device)], labels[idx.to(device)]   # (B/world, C, 16, 16), (B/world,)
+        z, y = latents[flip, idx], labels[idx]                         # (B/world, C, 16, 16), (B/world,)
         with sra2.autocast(device, enabled=device.type == "cuda"):
             parts = sra2.training_loss(forward, z, y, proj, lam=run.lam, align_depth=run.align_depth,
                                        align_loss=run.align_loss, t_range=run.t_range, t=t, eps=eps, drop_labels=drop)
