@@ -1308,6 +1308,7 @@ def test_two_seeds_give_a_mean_row_and_speedup(tmp_path, monkeypatch):
     assert set(results["step_fraction_to_baseline_fid"]) == {"0", "1", "mean"} and len(results["runs"]) == 4
 
 
+@pytest.mark.usefixtures("one_thread")                            # small ops: see one_thread
 def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     """Baseline and SRA 2 differ only by the projector: same SiT init, same batches, same t, eps and
     label dropout. With lambda = 0 the alignment cannot move the SiT, so both end identical."""
