@@ -5,7 +5,9 @@ SiT (Ma et al. 2024: a DiT with an interpolant and a velocity loss on VAE latent
 branch: the tokens h of an early block go through a small MLP P and are pulled, with smooth-L1
 (beta 0.05), toward f_VAE, the clean VAE latent z of the same image, laid out as tokens. The latent
 is what the model denoises anyway, so the target costs nothing. At inference P is dropped and what
-remains is a plain SiT. Start reading at `training_loss`; everything above it is SiT.
+remains is a plain SiT. Start reading at `training_loss`; above it are SiT, the projector P and
+the interpolant it uses, below it the samplers and small utilities (EMA, device, precision).
+Importing the file runs nothing; `python sra2.py --bench` times it.
 
 Conventions (the sources in this field disagree; this file follows REPA, which SRA 2 builds on):
     t = 0 is data, t = 1 is noise.  Linear path: x_t = (1 - t) * z + t * eps,  v = eps - z.
