@@ -253,16 +253,38 @@ def _resolve_weights(weights=None):
         ) from error
 
 
+def _check_device(device):
+    """torch.device(device) if fid.py can run there (cpu, cuda[:N] or mps present here), else ValueError."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r}: expected cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': MPS is not available on this machine")
+    return device
+
+
 def load_inception(weights=None, device="cpu"):
     """The FID Inception network in eval mode, float32, on `device`. `weights`: a .pth path (the
-    full pytorch-fid file, or the -nofc / -nofc-fp16 files), or None to resolve it as above."""
+    full pytorch-fid file, or the -nofc / -nofc-fp16 files), or None to resolve it as above.
+    A missing file is a FileNotFoundError; any other file a ValueError naming it."""
+    device = _check_device(device)
     path = _resolve_weights(weights)
     if not path.is_file():
         raise FileNotFoundError(f"FID Inception weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # unused head
-    model = FIDInceptionV3(with_fc="fc.weight" in state)
-    model.load_state_dict(state)  # strict; an fp16 file is cast up by the float32 parameters
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # unused head
+        model = FIDInceptionV3(with_fc="fc.weight" in state)
+        model.load_state_dict(state)  # strict; an fp16 file is cast up by the float32 parameters
+    except Exception as error:  # not a torch file, truncated, not a state dict, other weights
+        detail = " ".join(str(error).split())  # load_state_dict's message spans lines
+        detail = detail if len(detail) <= 160 else detail[:160] + " ..."
+        raise ValueError(f"{path}: not the FID Inception weights ({type(error).__name__}: {detail})") from error
     # channels_last: oneDNN's native layout, 1.5x faster on CPU; same features to 1e-6.
     model = model.to(device=device, dtype=torch.float32, memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
@@ -409,13 +431,15 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
             = expected N for iterables). return_is_logits: also return the (N, K) float32 logits
             for inception_score (needs the weights with `fc`).
     """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         total = _as_nchw_uint8(images).shape[0]  # checks dtype, layout, emptiness before any work
         if total < 2:
             raise ValueError(f"a covariance needs at least 2 images, got {total}")
     if model is None:
         model = load_inception(weights, device or "cpu")
-    device = device or next(model.parameters()).device
+    device = _check_device(device) if device else next(model.parameters()).device
     if return_is_logits and getattr(model, "fc", None) is None:
         raise ValueError("Inception Score needs the weights with the 1008-way fc layer "
                          "(pt_inception-2015-12-05-6726825d.pth); the -nofc files give features only")
@@ -439,27 +463,45 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
     return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
 
 
-def _folder_batches(path, batch_size):
-    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+def _read_image(file, decode=True):
+    """(H, W, 3) uint8 RGB array of an image file, or with decode=False its (W, H) from the header."""
+    from PIL import Image  # pillow only needed for folders
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB")) if decode else image.size
+    except Exception as error:  # not an image, truncated, unreadable
+        raise ValueError(f"{file}: not a readable image ({type(error).__name__}: {error})") from error
+
+
+def _image_files(path):
+    """Sorted image files directly in folder `path` (other files are ignored), each opened (header
+    only) to check that it is an image of the first one's size: an error names the first bad file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise (NotADirectoryError(f"{path}: not a folder") if path.exists() else
+               FileNotFoundError(f"{path}: no such file or directory"))
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
-    from PIL import Image  # pillow only needed for folders
-    batch = []
-    for file in files:
-        with Image.open(file) as image:
-            array = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-        if batch and (len(batch) == batch_size or array.shape != batch[0].shape):
-            yield np.stack(batch)  # a batch holds images of one size
-            batch = []
-        batch.append(array)
-    yield np.stack(batch)
+    w, h = _read_image(files[0], decode=False)
+    for file in files[1:]:
+        if (size := _read_image(file, decode=False)) != (w, h):
+            raise ValueError(f"{file} is {size[0]}x{size[1]} but {files[0]} is {w}x{h}: a folder's "
+                             f"images must have one size (resize them first)")
+    return files
+
+
+def _folder_batches(files, batch_size):
+    for start in range(0, len(files), batch_size):
+        yield np.stack([_read_image(file) for file in files[start:start + batch_size]])
 
 
 def statistics_from_folder(path, batch_size=200, **kwargs):
-    """compute_statistics over the image files directly in folder `path`, in sorted order."""
-    n_files = sum(1 for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return compute_statistics(_folder_batches(path, batch_size), batch_size=batch_size,
-                              total=n_files, **kwargs)
+    """compute_statistics over the image files directly in folder `path`, in sorted order. All must
+    have one size: FID over mixed sizes would mix what resizing to 299 does to each (see the top)."""
+    files = _image_files(path)
+    return compute_statistics(_folder_batches(files, batch_size), batch_size=batch_size,
+                              total=len(files), **kwargs)
 
 
 def _check_stats(mu, sigma, name="statistics"):
@@ -472,18 +514,45 @@ def _check_stats(mu, sigma, name="statistics"):
 
 
 def save_statistics(path, mu, sigma, convention=None):
-    """Write .npz with keys mu, sigma (what pytorch-fid reads), plus the convention if known."""
+    """Write .npz with keys mu, sigma (what pytorch-fid reads), plus the convention if known; like
+    np.savez, ".npz" is appended if missing. Via a temp file and os.replace: an existing file is
+    only ever replaced by a complete one."""
     mu, sigma = _check_stats(mu, sigma)
     extra = {} if convention is None else {"convention": np.array(convention)}
-    np.savez(path, mu=mu, sigma=sigma, **extra)
+    path = Path(path if str(path).endswith(".npz") else f"{path}.npz")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: no such folder to save {path.name} in")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as file:
+            np.savez(file, mu=mu, sigma=sigma, **extra)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_npz(path):
+    """(mu, sigma, convention or None) from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's)."""
+    try:
+        with open(path, "rb") as file:
+            if file.read(2) != b"PK":  # else np.load would try it as .npy, then as a pickle
+                raise ValueError("not a zip archive")
+        with np.load(path) as data:  # allow_pickle=False: never runs code from the file
+            keys = data.files
+            arrays = {key: data[key] for key in ("mu", "sigma", "convention") if key in keys}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # not a zip, truncated, a corrupt member, a pickled array
+        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise ValueError(f"{path} needs keys 'mu' and 'sigma', has {keys}")
+    convention = str(arrays["convention"]) if "convention" in arrays else None
+    return (*_check_stats(arrays["mu"], arrays["sigma"], name=str(path)), convention)
 
 
 def load_statistics(path):
     """(mu, sigma) float64 from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's)."""
-    with np.load(path) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{path} needs keys 'mu' and 'sigma', has {list(data.keys())}")
-        return _check_stats(data["mu"], data["sigma"], name=str(path))
+    return _load_npz(path)[:2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,22 +628,72 @@ def inception_score(logits, splits=10):
 # ----------------------------------------------------------------------------------------------
 # CLI, like pytorch-fid's
 
-def _stats_for(path, args, model):
-    if str(path).endswith(".npz"):
-        with np.load(path) as data:
-            convention = str(data["convention"]) if "convention" in data else None
-        return (*load_statistics(path), convention)
-    mu, sigma = statistics_from_folder(path, batch_size=args.batch_size, model=model, device=args.device,
-                                       convention=args.convention, progress=True)
-    return mu, sigma, args.convention
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own prints the whole usage first
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _check_paths(args):
+    """Every path problem before any work: inputs are folders or .npz files; --save-stats reads a
+    folder and writes an .npz into a folder that exists."""
+    for path in args.path[:1] if args.save_stats else args.path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        if not (os.path.isdir(path) or path.endswith(".npz")):
+            raise ValueError(f"{path}: neither an image folder nor an .npz file")
+    if args.save_stats:
+        source, out = args.path
+        if not os.path.isdir(source):
+            raise ValueError(f"--save-stats computes the statistics of an image folder; {source} is a file")
+        if not out.endswith(".npz") or os.path.isdir(out):
+            raise ValueError(f"--save-stats writes an .npz file; {out} is not an .npz file name")
+        if not os.path.isdir(os.path.dirname(out) or "."):
+            raise FileNotFoundError(f"{os.path.dirname(out)}: no such folder to save {os.path.basename(out)} in")
+
+
+def _run(args):
+    _check_device(args.device)
+    _check_paths(args)
+    inputs = args.path[:1] if args.save_stats else args.path
+    # The cheap checks of every input (whole .npz files, image headers) come before the network.
+    stats = {path: _load_npz(path) for path in inputs if not os.path.isdir(path)}
+    folders = {path: _image_files(path) for path in inputs if os.path.isdir(path)}
+    model = load_inception(args.weights, args.device) if folders else None
+    for path, files in folders.items():
+        mu, sigma = compute_statistics(_folder_batches(files, args.batch_size), model=model,
+                                       batch_size=args.batch_size, device=args.device,
+                                       convention=args.convention, progress=True, total=len(files))
+        stats[path] = mu, sigma, args.convention
+    if args.save_stats:
+        mu, sigma, convention = stats[args.path[0]]
+        save_statistics(args.path[1], mu, sigma, convention)
+        print(f"saved statistics ({convention} convention) to {args.path[1]}")
+        return None
+    (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in args.path)
+    if conv1 and conv2 and conv1 != conv2:
+        raise ValueError(f"the two statistics use different conventions ({conv1} vs {conv2}): "
+                         f"FID is meaningless")
+    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+    print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
+    return fid
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FID between two image folders or .npz statistics")
+    parser = _OneLineParser(prog="fid.py", description="FID between two image folders or .npz statistics")
     parser.add_argument("path", nargs=2, help="image folders or .npz files with mu and sigma")
     parser.add_argument("--save-stats", action="store_true",
                         help="compute statistics of folder PATH1 and save them to PATH2 (.npz)")
-    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--batch-size", type=_positive_int, default=200)
     parser.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     parser.add_argument("--convention", choices=CONVENTIONS, default="tf")
     parser.add_argument("--weights", default=None, help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
@@ -582,22 +701,10 @@ def main(argv=None):
     if args.device is None:
         args.device = ("cuda" if torch.cuda.is_available()
                        else "mps" if torch.backends.mps.is_available() else "cpu")
-    needs_model = args.save_stats or not all(str(p).endswith(".npz") for p in args.path)
     try:
-        model = load_inception(args.weights, args.device) if needs_model else None
-    except FileNotFoundError as error:
-        sys.exit(str(error))
-    if args.save_stats:
-        mu, sigma, convention = _stats_for(args.path[0], args, model)
-        save_statistics(args.path[1], mu, sigma, convention)
-        print(f"saved statistics ({convention} convention) to {args.path[1]}")
-        return None
-    (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (_stats_for(p, args, model) for p in args.path)
-    if conv1 and conv2 and conv1 != conv2:
-        sys.exit(f"the two statistics use different conventions ({conv1} vs {conv2}): FID is meaningless")
-    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
-    print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
-    return fid
+        return _run(args)
+    except (OSError, ValueError) as error:  # bad input: one line naming it, no traceback
+        parser.error(" ".join(str(error).split()))
 
 
 if __name__ == "__main__":

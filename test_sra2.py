@@ -1176,8 +1176,7 @@ def test_fid_cli_saves_folder_statistics_and_names_the_convention(tmp_path, caps
     assert f"FID (tf convention): {value:.4f}" in capsys.readouterr().out
     assert abs(value - np.sum(shift**2)) < 1e-9 * np.sum(shift**2)
     fid.save_statistics(tmp_path / "c16.npz", mu, sigma, convention="pytorch-fid")
-    with pytest.raises(SystemExit, match="different conventions"):
-        fid.main([str(tmp_path / "a16.npz"), str(tmp_path / "c16.npz")])
+    assert "different conventions" in _fid_error_line(capsys, [tmp_path / "a16.npz", tmp_path / "c16.npz"])
 
 
 # =============================================================================================
@@ -1965,3 +1964,192 @@ def test_resume_where_settings_were_clipped_to_the_data(tmp_path, monkeypatch, c
     again = tiny_demo.main([*argv, "--resume"])
     assert "finished; its record is reused" in capsys.readouterr().out
     assert again["sra2", 0]["final_fid"] == first["sra2", 0]["final_fid"]
+
+
+# =============================================================================================
+# fid.py CLI: one line for each bad input
+# =============================================================================================
+
+def _fid_error_line(capsys, argv):
+    """fid.main(argv) must exit with status 2 after exactly one line on stderr: 'fid.py: error: ...'."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([str(arg) for arg in argv])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fid.py: error: "), lines
+    assert "convention" not in out, out  # nothing claims to have been saved or computed
+    return lines[0].removeprefix("fid.py: error: ")
+
+
+def _fid_image_folder(path, sizes=((8, 8), (8, 8))):
+    """A folder of random PNGs, 0.png, 1.png, ..., of the given (H, W) sizes."""
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+def test_fid_cli_missing_paths_are_named_before_any_work(tmp_path, capsys):
+    good = tmp_path / "good.npz"
+    fid.save_statistics(good, np.zeros(3), np.eye(3))
+    nowhere = tmp_path / "missing"
+    no_weights = ["--weights", tmp_path / "none.pth"]  # a path error must come before the weights'
+    assert _fid_error_line(capsys, [nowhere, good, *no_weights]) == f"{nowhere}: no such file or directory"
+    assert _fid_error_line(capsys, [good, f"{nowhere}.npz"]) == f"{nowhere}.npz: no such file or directory"
+    assert _fid_error_line(capsys, [nowhere, tmp_path / "s.npz", "--save-stats", *no_weights]) == \
+        f"{nowhere}: no such file or directory"
+    (tmp_path / "notes.txt").write_text("hi")
+    assert _fid_error_line(capsys, [tmp_path / "notes.txt", good]) == \
+        f"{tmp_path / 'notes.txt'}: neither an image folder nor an .npz file"
+    with pytest.raises(FileNotFoundError, match="missing: no such file or directory"):
+        fid.statistics_from_folder(nowhere)
+    with pytest.raises(NotADirectoryError, match="notes.txt: not a folder"):
+        fid.statistics_from_folder(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        fid.load_statistics(f"{nowhere}.npz")
+
+
+def test_fid_cli_corrupt_or_foreign_npz_is_one_line_naming_it(tmp_path, capsys):
+    good = tmp_path / "good.npz"
+    fid.save_statistics(good, np.zeros(3), np.eye(3))
+    (tmp_path / "text.npz").write_text("hello")                       # numpy would try to unpickle it
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")           # an .npy under an .npz name
+    (tmp_path / "half.npz").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    np.savez(tmp_path / "pickled.npz", mu=np.array([{}], dtype=object), sigma=np.eye(1))
+    np.savez(tmp_path / "keys.npz", mean=np.zeros(3))
+    np.savez(tmp_path / "d4.npz", mu=np.zeros(4), sigma=np.eye(4))
+    expected = {"text.npz": ": not a readable .npz file (ValueError: not a zip archive)",
+                "array.npz": ": not a readable .npz file (ValueError: not a zip archive)",
+                "half.npz": ": not a readable .npz file (BadZipFile: ",
+                "pickled.npz": ": not a readable .npz file (ValueError: Object arrays cannot be loaded",
+                "keys.npz": " needs keys 'mu' and 'sigma', has ['mean']"}
+    for name, message in expected.items():
+        assert _fid_error_line(capsys, [good, tmp_path / name]).startswith(f"{tmp_path / name}{message}")
+        with pytest.raises(ValueError, match=name):
+            fid.load_statistics(tmp_path / name)
+    assert _fid_error_line(capsys, [good, tmp_path / "d4.npz"]) == "statistics have different dimensions: 3 and 4"
+
+
+def test_fid_cli_save_stats_reads_a_folder_and_writes_an_npz_in_a_folder_that_exists(tmp_path, capsys):
+    folder, good = _fid_image_folder(tmp_path / "images"), tmp_path / "good.npz"
+    fid.save_statistics(good, np.zeros(3), np.eye(3))  # no convention recorded: used to print "None convention"
+    assert _fid_error_line(capsys, [good, tmp_path / "s.npz", "--save-stats"]) == \
+        f"--save-stats computes the statistics of an image folder; {good} is a file"
+    assert _fid_error_line(capsys, [folder, tmp_path / "nodir" / "s.npz", "--save-stats"]) == \
+        f"{tmp_path / 'nodir'}: no such folder to save s.npz in"
+    for out in (tmp_path / "s.txt", folder):
+        assert _fid_error_line(capsys, [folder, out, "--save-stats"]) == \
+            f"--save-stats writes an .npz file; {out} is not an .npz file name"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz", "images"]  # nothing written
+    with pytest.raises(FileNotFoundError, match="nodir: no such folder to save s.npz in"):
+        fid.save_statistics(tmp_path / "nodir" / "s.npz", np.zeros(3), np.eye(3))
+
+
+def test_fid_cli_bad_batch_size_device_and_convention(tmp_path, capsys):
+    folder = _fid_image_folder(tmp_path / "images")
+    run = [folder, tmp_path / "s.npz", "--save-stats", "--weights", tmp_path / "none.pth"]
+    for value in ("0", "-3", "x"):
+        assert _fid_error_line(capsys, [*run, "--batch-size", value]) == \
+            f"argument --batch-size: must be an integer >= 1, got '{value}'"
+    for device in ("foo", "meta"):
+        assert _fid_error_line(capsys, [*run, "--device", device]) == \
+            f"device '{device}': expected cpu, cuda, cuda:N or mps"
+    fid.save_statistics(tmp_path / "a.npz", np.zeros(3), np.eye(3))  # no network needed, still checked
+    assert _fid_error_line(capsys, [tmp_path / "a.npz", tmp_path / "a.npz", "--device", "foo"]) == \
+        "device 'foo': expected cpu, cuda, cuda:N or mps"
+    n_cuda = torch.cuda.device_count()
+    assert _fid_error_line(capsys, [*run, "--device", f"cuda:{n_cuda}"]) == \
+        f"device 'cuda:{n_cuda}': this machine has {n_cuda} CUDA device(s)"
+    assert _fid_error_line(capsys, [*run, "--convention", "bogus"]).startswith(
+        "argument --convention: invalid choice: 'bogus'")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        fid.compute_statistics(np.zeros((2, 8, 8, 3), np.uint8), model=_FidStandIn(), batch_size=0)
+    with pytest.raises(ValueError, match="device 'foo'"):
+        fid.load_inception(tmp_path / "none.pth", device="foo")
+
+
+def test_fid_cli_bad_folders_are_named_before_the_network(tmp_path, capsys):
+    out, no_weights = tmp_path / "s.npz", ["--weights", tmp_path / "none.pth"]  # never reached
+    (tmp_path / "empty").mkdir()
+    only_text = tmp_path / "only_text"
+    only_text.mkdir()
+    (only_text / "README.txt").write_text("not an image, and not counted as one")
+    for folder in (tmp_path / "empty", only_text):
+        line = _fid_error_line(capsys, [folder, out, "--save-stats", *no_weights])
+        assert line.startswith("no images (.bmp, .jpeg,") and line.endswith(f"found in {folder}")
+    junk = _fid_image_folder(tmp_path / "junk")
+    (junk / "1.png").write_bytes(b"not a png")
+    assert _fid_error_line(capsys, [junk, out, "--save-stats", *no_weights]) == (
+        f"{junk / '1.png'}: not a readable image (UnidentifiedImageError: cannot identify image file "
+        f"'{junk / '1.png'}')")
+    mixed = _fid_image_folder(tmp_path / "mixed", sizes=[(8, 8), (8, 8), (8, 16), (4, 4)])
+    assert _fid_error_line(capsys, [mixed, out, "--save-stats", *no_weights]) == (
+        f"{mixed / '2.png'} is 16x8 but {mixed / '0.png'} is 8x8: a folder's images must have one size "
+        f"(resize them first)")
+    with pytest.raises(ValueError, match="2.png is 16x8"):
+        fid.statistics_from_folder(mixed, model=_FidStandIn())
+    assert not out.exists()
+
+
+def test_fid_cli_truncated_image_is_one_line(tmp_path, capsys, monkeypatch):
+    """A truncated file passes the header check; decoding it is one line too (the network here is
+    the cheap stand-in)."""
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: _FidStandIn())
+    folder = _fid_image_folder(tmp_path / "images", sizes=[(64, 64), (64, 64)])
+    data = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(data[:len(data) // 2])
+    assert _fid_error_line(capsys, [folder, tmp_path / "s.npz", "--save-stats", "--device", "cpu"]) == \
+        f"{folder / '1.png'}: not a readable image (OSError: image file is truncated)"
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_fid_cli_bad_weights_file_is_one_line_naming_it(tmp_path, capsys):
+    folder = _fid_image_folder(tmp_path / "images")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    (tmp_path / "hello.pth").write_text("hello")                      # torch.load: KeyError '101'
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    # The reasons in brackets are torch's own words (its versions vary them); the start is ours.
+    for name, reason in [("junk.pth", "("), ("hello.pth", "(KeyError: "),
+                         ("other.pth", "(RuntimeError: Error(s) in loading state_dict for FIDInceptionV3: "),
+                         ("tensor.pth", "(AttributeError: ")]:
+        weights = tmp_path / name
+        line = _fid_error_line(capsys, [folder, tmp_path / "s.npz", "--save-stats", "--device", "cpu",
+                                        "--weights", weights])
+        assert line.startswith(f"{weights}: not the FID Inception weights {reason}"), line
+        with pytest.raises(ValueError, match=f"{name}: not the FID Inception weights"):
+            fid.load_inception(weights)
+    assert _fid_error_line(capsys, [folder, tmp_path / "s.npz", "--save-stats", "--device", "cpu",
+                                    "--weights", tmp_path / "none.pth"]) == \
+        f"FID Inception weights not found: {tmp_path / 'none.pth'}"
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monkeypatch):
+    """A failed run leaves an existing PATH2 byte for byte; a save that fails midway leaves the old
+    file and no temp file; a good run replaces it and names its convention."""
+    folder, out = _fid_image_folder(tmp_path / "images"), tmp_path / "s.npz"
+    fid.save_statistics(out, np.zeros(3), np.eye(3), convention="tf")
+    before = out.read_bytes()
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu", "--weights", tmp_path / "junk.pth"])
+    assert out.read_bytes() == before
+
+    def torn_savez(file, **arrays):
+        file.write(b"PK half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: _FidStandIn())
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", torn_savez)
+        assert _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu"]) == \
+            "[Errno 28] No space left on device"
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "junk.pth", "s.npz"]  # no temp file
+    argv = [str(folder), str(out), "--save-stats", "--device", "cpu", "--convention", "pytorch-fid"]
+    assert fid.main(argv) is None
+    assert capsys.readouterr().out == f"saved statistics (pytorch-fid convention) to {out}\n"
+    assert fid.load_statistics(out)[0].shape == (2048,) and fid._load_npz(out)[2] == "pytorch-fid"
