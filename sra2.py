@@ -534,7 +534,8 @@ def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=
     Grid linspace(1, t_last, num_steps) then 0; num_steps model calls; state in float64.
     Reverse SDE with diffusion sigma_t: dx = (v - sigma_t s) dt + sqrt(2 sigma_t) dW, dt < 0
     (SiT's "sigma" form; on the linear path sigma_t = t, as in REPA's sampler).
-    Returns x_0 in noise.dtype. `generator` must live on noise.device."""
+    Returns x_0 in noise.dtype. `generator` must live on noise.device. Pass an eval-mode model (an
+    EMA copy is): in training mode SiT drops labels at random."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     times = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64).tolist() + [0.0]

@@ -1111,7 +1111,7 @@ def test_fid_features_reproduce_the_oracle(convention):
             features, logits = _fid_model()(fid.preprocess(oracle[f"images_{size}"], convention))
         reference = oracle[f"{convention.replace('-', '_')}_{size}"]
         relative = np.linalg.norm(features.numpy() - reference, axis=1) / np.linalg.norm(reference, axis=1)
-        assert relative.max() < 1e-4, (size, relative)
+        assert relative.max() < 1e-5, (size, relative)  # the issue asks 1e-4; measured 4e-6
         assert logits is None  # the nofc file
 
 
@@ -1556,7 +1556,7 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     line = error_line(capsys, [*TINY, "--batch-size", "65", "--out", str(tmp_path / "o"), "--cache", str(tmp_path)])
     assert "more than the 64 training images" in line
     line = error_line(capsys, [*TINY, "--t-range", "0.5", "0.2", "--out", str(tmp_path / "o")])
-    assert "--t-range" in line
+    assert line == "tiny_demo: error: --t-range 0.5 0.2: need 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"
 
 
 def test_bad_input_is_one_line_from_the_command_line(tmp_path):
@@ -1832,6 +1832,9 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--fid-n", "1"], "--fid-n must be >= 2 (FID needs a covariance), got 1"),
+    (["--final-fid-n", "1"], "--final-fid-n must be >= 2 (FID needs a covariance), got 1"),
+    (["--fid-ref-n", "1"], "--fid-ref-n must be >= 2 (FID needs a covariance), got 1"),
     (["--model", "SiT-M/2"], "argument --model: invalid choice"),
     (["--align-loss", "huber"], "argument --align-loss: invalid choice"),
     (["--bogus"], "unrecognized arguments: --bogus"),

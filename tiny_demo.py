@@ -1282,7 +1282,10 @@ def main(argv=None):
     try:
         check(s)
         device, out, card = setup(s)
-        return demo(s, device, out, card)
+        records = demo(s, device, out, card)
+        if dist.is_initialized():
+            dist.barrier()                                             # no rank tears down while another talks
+        return records
     except (DemoError, FileNotFoundError) as error:                    # FileNotFound: Inception weights
         if os.environ.get("RANK", "0") == "0":                         # every rank fails alike; one says so
             print("tiny_demo: error: " + " ".join(str(error).split()), file=sys.stderr)   # one line, always
@@ -1310,6 +1313,8 @@ def demo(s, device, out, card):
              ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))])
     check_checkpoints(s, runs, out)                                    # before any work or any write
     say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
+    if device.type == "cpu" and not s.quick:
+        say("note: no GPU in use: the full demo on a CPU takes many hours; --quick is the CPU smoke run")
     # FID on rank 0 only; it fails early without weights.
     fid_meter = FIDMeter(s, images, data_id, device) if rank_and_world()[0] == 0 else None
     stage = rank0_first(stage1, images, data_id, s, device)            # rank 0 trains, the others read
