@@ -1221,8 +1221,10 @@ def check(s):
     lo, hi = s.t_range
     if not 0 <= lo < hi <= 1:
         raise DemoError(f"--t-range {lo:g} {hi:g}: need 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)")
-    if s.lam < 0 or not 0 <= s.ema_decay < 1 or s.lr <= 0:
-        raise DemoError("--lam must be >= 0, --ema-decay in [0, 1), --lr > 0")
+    for flag, value, ok, need in (("--lam", s.lam, s.lam >= 0, ">= 0"), ("--lr", s.lr, s.lr > 0, "> 0"),
+                                  ("--ema-decay", s.ema_decay, 0 <= s.ema_decay < 1, "in [0, 1)")):
+        if not ok:
+            raise DemoError(f"{flag} must be {need}, got {value:g}")
     _, _, config = model_config(s)
     s.align_depth = s.align_depth if s.align_depth is not None else config.align_depth
     s.ckpt_fid = fid_name(s.fid_n, s.fid_sampling_steps)
