@@ -757,7 +757,7 @@ def _benchmark(device, quick, official_path):
     rows = []
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
-    header = f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}  (ceiling: the bf16 matmul)"
+    header = f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}  (ceiling: a large matmul, bf16 on CUDA, fp32 on CPU)"
     if quick:
         print(f"quick mode: a smoke run, the models are shrunk to {overrides}")
     print(header)
