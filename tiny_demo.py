@@ -20,7 +20,7 @@ Pipeline
               SRA 2 (projector P on block align_depth pulled toward the clean latent).
   4. Measure  FID against the training images (protocol below), both loss terms, training wall
               time; Table 2 in miniature and the speed-up: the fraction of steps (and of wall time)
-              SRA 2 needs to reach the baseline's final FID.
+              after which SRA 2 stays at or below the baseline's final FID (last crossing).
   5. Pictures PNGs written with pillow: FID vs steps, FID vs wall-clock, loss curves, sample grids
               of both runs at matched steps (same noise, same labels), VAE reconstructions.
 
