@@ -568,14 +568,10 @@ class FIDMeter:
     def __init__(self, s, images, data_id, device):
         self.device = device
         self.n_ref = min(s.fid_ref_n, len(images))                    # what the reference really holds
-        try:
+        try:                                       # fid.py names a file that is not the weights
             self.model = fid.load_inception(s.inception, device)
-        except FileNotFoundError:
-            raise
-        except Exception as error:                                     # not a torch file, other weights
-            reason = (str(error).strip().splitlines() or [""])[0][:200]
-            raise DemoError(f"--inception {s.inception}: not the FID Inception weights "
-                            f"({type(error).__name__}: {reason})") from None
+        except ValueError as error:
+            raise DemoError(f"--inception {error}") from None
         weights = Path(s.inception) if s.inception else None
         key = digest(data_id, self.n_ref, "tf", weights.name if weights else "default",
                      weights.stat().st_size if weights else 0)
@@ -665,7 +661,6 @@ def build(s, run, device):
     return model, projector
 
 
-@functools.lru_cache(maxsize=2)
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed, epoch, n, device="cpu"):
     """A permutation of the n images and a flip bit per image, from (seed, epoch) alone. Drawn on the
