@@ -1,12 +1,12 @@
-"""FID and Inception Score with the numbers the field trusts: torch, numpy, scipy and pillow only.
+"""FID and Inception Score with the numbers the field trusts: torch, numpy and pillow only.
 
 Network: the TF "inception-2015-12-05" graph as pytorch-fid ports it (InceptionV3 with TF's
 quirks: BatchNorm eps 0.001 and no BN scale, 3x3 average pools that exclude the zero padding in
 Mixed_5*/6b-e/7b, a max pool in Mixed_7c's pool branch). Features are the 2048-d "pool3" average of
 Mixed_7c; the 1008-way `fc` gives the Inception Score logits.
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (downloaded once into
-~/.cache/sra2, SHA-256 checked), or any local copy, e.g. ../shared/weights/*-nofc.pth (no `fc`:
-FID works, Inception Score does not).
+~/.cache/sra2, SHA-256 checked), or any local copy, also one saved without `fc` (then FID works
+and Inception Score does not).
 
 Two preprocessing conventions; they differ by ~24% per image at 32 px, ~14% at 64 px and ~0.3% at
 299 px, so every FID this file prints names its convention:
@@ -15,7 +15,7 @@ Two preprocessing conventions; they differ by ~24% per image at 32 px, ~14% at 6
                   half-pixel centers, edge clamped), then (x - 128) / 128.
   "pytorch-fid"   pytorch-fid 0.3: x / 255, F.interpolate(bilinear, align_corners=False) to 299,
                   then 2x - 1.
-Both reproduce oracle features from the real tools (../shared/weights/README.md): tested to 1e-4,
+Both reproduce oracle features saved from the real tools: tested to 1e-4,
 measured 4e-6 relative L2 per image at 32, 64 and 299 px.
 
 FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over pool3 statistics (mu, S = Sigma), in float64.
@@ -39,7 +39,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -558,25 +557,7 @@ def load_statistics(path):
 # ----------------------------------------------------------------------------------------------
 # Distances and scores
 
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """FID by the reference formula (pytorch-fid, TTUR): scipy sqrtm of S1 S2 in float64, offset
-    eps on the diagonals if the product is singular, error if the imaginary part exceeds 1e-3.
-    Slow (non-symmetric Schur); kept as the oracle that frechet_distance is tested against."""
-    mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
-    mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # never pass disp: scipy 1.18 removed it
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def _psd_factor(sigma, name):
+def psd_factor(sigma, name="sigma"):
     """C (D, R) with sigma = C C^T, from eigh: C = V W^(1/2) over the R eigenvalues that are not
     rounding noise (sqrt would turn each 1e-16 into 1e-8). Checks symmetric and PSD."""
     if np.abs(sigma - sigma.T).max() > 1e-6 * max(1.0, np.abs(sigma).max()):
@@ -595,13 +576,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     so tr((S1 S2)^(1/2)) = the sum of the singular values of C2^T C1. Exact for symmetric PSD
     covariances, no square roots of rounding noise (the squared-matrix route loses 1e-8 per
     direction), fine when S1 S2 is singular (N < D), ~2x faster than scipy's sqrtm at D = 2048.
-    Agrees with frechet_distance_sqrtm (pytorch-fid's formula) to 1e-6 relative (tested).
+    Agrees with pytorch-fid's scipy-sqrtm formula to 1e-6 relative (tested).
     """
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
     if mu1.shape != mu2.shape:
         raise ValueError(f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
-    cross = _psd_factor(sigma2, "sigma2").T @ _psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
+    cross = psd_factor(sigma2, "sigma2").T @ psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
     tr_covmean = np.linalg.svd(cross, compute_uv=False).sum()                # tr((S1 S2)^(1/2))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)

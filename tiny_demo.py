@@ -550,14 +550,14 @@ def decode(stage, z):
 
 
 def fid_small(features, mu_ref, sigma_ref):
-    """Exact FID for n <= SMALL_FID generated images, via an n x n eigenproblem.
-    S_gen = B^T B with B = (F - mu) / sqrt(n - 1), so the eigenvalues of S_ref S_gen are those of
-    B S_ref B^T (plus zeros), and tr((S_ref S_gen)^1/2) = sum sqrt(eig(B S_ref B^T))."""
+    """Exact FID for few generated images (n of them), without a D x D covariance of their own.
+    S_gen = B^T B with B = (F - mu) / sqrt(n - 1) and S_ref = C C^T (fid.psd_factor), so
+    tr((S_ref S_gen)^1/2) is the sum of the singular values of B C (n, R): exact for every n and D
+    (no square roots of rounding-noise eigenvalues, which a route through B S_ref B^T would take)."""
     features = np.asarray(features, np.float64)
     n, mu = len(features), features.mean(0)
     B = (features - mu) / math.sqrt(n - 1)                             # (n, D)
-    M = B @ sigma_ref @ B.T                                            # (n, n), symmetric PSD
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
+    tr_covmean = np.linalg.svd(B @ fid.psd_factor(sigma_ref, "sigma_ref"), compute_uv=False).sum()
     diff = mu - mu_ref
     return float(diff @ diff + np.trace(sigma_ref) + (B * B).sum() - 2 * tr_covmean)
 
