@@ -116,6 +116,8 @@ import json
 import math
 import os
 import pickle
+import platform
+import subprocess
 import sys
 import tarfile
 import time
@@ -140,18 +142,29 @@ SMALL_FID = 256          # up to this many images, FID takes the exact n x n sho
 VAE_SEED = 0             # one VAE for every --seed: stage 1 is given, like the SD-VAE is in the paper
 
 # Models beyond the paper's presets, for CPU runs: (preset, overrides). Head dim 64 as in SiT.
-DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2))}
+DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2)),
+               "small": ("SiT-S/2", dict(depth=6, hidden_size=192, num_heads=3))}
+HELDOUT_T = 12           # the held-out set's t grid: (j + 0.5) / 12, image i at grid point i % 12
+HELDOUT_SEED = 20_260    # its noise: one fixed draw, the same for every run, seed and checkpoint
 
-# Mode defaults: every knob below is also a flag; a flag given on the command line wins.
+# Preset defaults: every knob below is also a flag; a flag given on the command line wins.
+# "cpu" answers the question on two CPU cores (settings and their evidence: README, Results).
 DEFAULTS = {
     "full": dict(model="SiT-S/2", steps=4000, batch_size=256, lr=3e-4, n_images=None,
                  vae_width=64, vae_steps=3000, vae_batch=256, evals=5, fid_n=2000,
                  fid_sampling_steps=50, final_fid_n=5000, final_sampling_steps=250,
-                 fid_ref_n=50000, sample_batch=1000, log_every=50),
+                 fid_ref_n=50000, sample_batch=1000, log_every=50, heldout_n=2000, heldout_evals=10,
+                 seed="0", threads=None),
+    "cpu": dict(model="small", steps=1200, batch_size=64, lr=3e-4, n_images=10000,
+                vae_width=32, vae_steps=400, vae_batch=64, evals=3, fid_n=500,
+                fid_sampling_steps=25, final_fid_n=0, final_sampling_steps=50,
+                fid_ref_n=2000, sample_batch=250, log_every=25, heldout_n=1200, heldout_evals=10,
+                seed="0,1", threads=2),
     "quick": dict(model="tiny", steps=60, batch_size=32, lr=1e-3, n_images=1024,
                   vae_width=16, vae_steps=80, vae_batch=32, evals=5, fid_n=8,
                   fid_sampling_steps=10, final_fid_n=12, final_sampling_steps=25,
-                  fid_ref_n=32, sample_batch=64, log_every=5),
+                  fid_ref_n=32, sample_batch=64, log_every=5, heldout_n=24, heldout_evals=3,
+                  seed="0", threads=1),
 }
 
 
@@ -322,10 +335,10 @@ def parse_cifar_batch(name, raw):
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels    # R,G,B planes -> NHWC
 
 
-def read_cifar(path):
-    """CIFAR-10 train split from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
+def read_cifar(path, split="train"):
+    """CIFAR-10's train (or test) split from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
     path = Path(path).expanduser()
-    names = [f"data_batch_{i}" for i in range(1, 6)]
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if not path.exists():
         raise DemoError(f"--data {path}: no such file or folder")
     if path.is_dir():
@@ -420,6 +433,15 @@ def load_data(s):
         images, labels = images[:s.n_images], labels[:s.n_images]
         desc = f"CIFAR-10 train ({len(labels)} images, from {source})"
     return images, labels, desc, digest(images.tobytes(), labels.tobytes())
+
+
+def load_test_images(s):
+    """The first --heldout-n images of CIFAR-10's test split (never trained on), or synthetic ones
+    drawn with a seed of their own."""
+    if s.data == "synthetic":
+        return synthetic_images(s.heldout_n, seed=1_000_003)
+    images, labels = read_cifar(Path(s.data) if s.data else download_cifar(s.cache), "test")
+    return images[:s.heldout_n], labels[:s.heldout_n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,6 +558,40 @@ def stage1(images, data_id, s, device):
         f"shift {saved['shift']:+.3f}, scale {saved['scale']:.4f} (std now {z.std():.3f})")
     return SimpleNamespace(vae=vae, latents=z, shift=saved["shift"], scale=saved["scale"],
                            seconds=saved.get("seconds", 0.0))
+
+
+@torch.no_grad()
+def heldout_set(s, stage, device):
+    """The held-out set: --heldout-n test images encoded by the stage-1 VAE (posterior means,
+    normalised like the training latents), image i at t = (j + 0.5) / HELDOUT_T with j = i mod
+    HELDOUT_T, and one fixed noise draw. Every run, seed and checkpoint is judged on the same
+    (z, y, t, eps), so differences between runs are not sampling noise."""
+    images, labels = load_test_images(s)
+    z = torch.cat([(stage.vae.encode(to_float(torch.from_numpy(b).to(device)))[0].float() - stage.shift)
+                   * stage.scale for b in np.array_split(images, max(1, len(images) // 500))])   # (n, C, 16, 16)
+    grid = (torch.arange(HELDOUT_T, dtype=torch.float64) + 0.5) / HELDOUT_T
+    t = grid[torch.arange(len(z)) % HELDOUT_T].float()
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(HELDOUT_SEED))
+    return SimpleNamespace(z=z, y=torch.as_tensor(labels).to(device), t=t.to(device), eps=eps.to(device))
+
+
+HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)}   # t in [lo, hi)
+
+
+@torch.no_grad()
+def heldout_loss(model, held, batch=400):
+    """The training objective's denoising term on the held-out set: |v_theta(x_t, t, y) - v|^2 with
+    v = eps - z, averaged over C, H, W and the images; overall and per band of t (low t: little
+    noise). Labels always given (no dropout: eval mode), float32, no autocast: deterministic."""
+    per_image = []
+    with torch.autocast(held.z.device.type, enabled=False):
+        for z, y, t, eps in zip(*(v.split(batch) for v in (held.z, held.y, held.t, held.eps))):
+            x_t, v_target = sra2.interpolate(z, eps, t)                # x_t = (1 - t) z + t eps
+            per_image.append((model(x_t, t, y).float() - v_target).square().mean((1, 2, 3)))   # (b,)
+    per_image = torch.cat(per_image)
+    bands = {name: per_image[(held.t >= lo) & (held.t < hi)].mean().item()
+             for name, (lo, hi) in HELDOUT_BANDS.items()}
+    return dict(loss=per_image.mean().item(), **bands)
 
 
 @torch.no_grad()
@@ -657,7 +713,8 @@ def build(s, run, device):
     preset, overrides, _ = model_config(s)
     torch.manual_seed(s.seed)                                          # same SiT init in every run
     model = sra2.create_sit(preset, **overrides, **sit_overrides(s)).to(device)
-    projector = sra2.make_projector(model, depth=run.mlp_depth).to(device) if run.align else None
+    projector = (sra2.make_projector(model, depth=run.mlp_depth, width=run.mlp_width).to(device)
+                 if run.align else None)
     return model, projector
 
 
@@ -708,9 +765,15 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
     rank, world = rank_and_world()
     model, projector = build(s, run, device)
     ema = sra2.create_ema(model)
-    params = [p for p in model.parameters() if p.requires_grad] + list(projector.parameters() if projector else [])
+    sit_params = [p for p in model.parameters() if p.requires_grad]
+    params = sit_params + list(projector.parameters() if projector else [])
     opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=0, fused=device.type == "cuda")
-    rec = dict(name=run.name, label=run.label, seed=s.seed, settings=run.settings, log=[], evals=[],
+    # Clipping: SiT and P as one vector (REPA), so a large alignment gradient also shrinks the
+    # denoising update; each on its own; or none (the norm is still measured and logged).
+    groups = [g for g in ([sit_params, params[len(sit_params):]] if s.clip == "separate" else [params]) if g]
+    limit = s.grad_clip if s.clip != "none" else math.inf
+
+    rec = dict(name=run.name, label=run.label, seed=s.seed, settings=run.settings, log=[], evals=[], heldout=[],
                params=sum(p.numel() for p in model.parameters()),
                projector_params=sum(p.numel() for p in projector.parameters()) if projector else 0)
     path, start = ckpt_path(s, out, run), 0
@@ -723,7 +786,9 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
     net, proj = data_parallel(model, device), data_parallel(projector, device)
     forward = torch.compile(net) if s.compile else net
     latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
+    patch = model.config.patch_size
     eval_steps = {round(s.steps * (i + 1) / s.evals) for i in range(s.evals)}
+    heldout_steps = {round(s.steps * (i + 1) / s.heldout_evals) for i in range(s.heldout_evals)}
     generator, mine = torch.Generator(device), slice(rank, None, world)   # this rank's share of a global batch
     sums, first_bad = torch.zeros(5, device=device), torch.zeros((), dtype=torch.long, device=device)
     wall, last_log, saved, last_ckpt = rec.get("wall", 0.0), start, start or None, time.perf_counter()
@@ -734,22 +799,25 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
                                   model.config.class_dropout_prob)
         idx, flip, t, eps, drop = idx[mine], flip[mine], t[mine], eps[mine], drop[mine]
         z, y = latents[flip, idx], labels[idx]                         # (B/world, C, 16, 16), (B/world,)
+        target = sra2.patchify(z, patch) * run.target_scale if proj is not None else None
         with sra2.autocast(device, enabled=device.type == "cuda"):
             parts = sra2.training_loss(forward, z, y, proj, lam=run.lam, align_depth=run.align_depth,
-                                       align_loss=run.align_loss, t_range=run.t_range, t=t, eps=eps, drop_labels=drop)
+                                       align_loss=run.align_loss, t_range=run.t_range, t=t, eps=eps,
+                                       drop_labels=drop, target=target)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()                                       # DDP: gradients averaged over ranks
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(g, limit) for g in groups])   # before clipping
+        grad_norm = norms.square().sum().sqrt()                        # of SiT and P together
         opt.step()
         sra2.update_ema(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up
         terms = torch.stack([parts["loss"], parts["denoise"], parts["align"], grad_norm]).detach()
-        sums += torch.cat([terms, (grad_norm > s.grad_clip).float()[None]])   # the last: steps clipped
+        sums += torch.cat([terms, (norms > s.grad_clip).any().float()[None]])  # last: steps above the clip
         first_bad = torch.where((first_bad == 0) & ~terms.isfinite().all(), step, first_bad)   # no host sync
         if step == start + 1:                      # compile and CUDA start-up: not train time, in both runs
             sync_time(device, tic)
             tic = time.perf_counter()
         ckpt_due = s.ckpt_every > 0 and step % s.ckpt_every == 0
-        if step % s.log_every == 0 or step in eval_steps or ckpt_due:  # one host sync per log line
+        if step % s.log_every == 0 or step in eval_steps | heldout_steps or ckpt_due:   # one host sync a line
             if world > 1:                                              # the global batch's numbers, on every rank
                 dist.all_reduce(sums)
                 dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
@@ -763,6 +831,10 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
             wall, last_log = wall + sync_time(device, tic), step
             rec["log"].append(dict(step=step, loss=loss, denoise=denoise, align=align, grad_norm=norm, wall=wall))
             bar.update(step, f"loss {loss:.4f} (denoise {denoise:.4f}, align {align:.4f})", elapsed=wall)
+            if step in heldout_steps:
+                tic = time.perf_counter()
+                rec["heldout"].append(dict(step=step, wall=wall, **heldout_loss(ema, stage.heldout)))
+                rec["heldout_seconds"] = rec.get("heldout_seconds", 0.0) + sync_time(device, tic)
             if step in eval_steps:
                 bar.close()
                 evaluate(ema, stage, s, device, fid_meter, rec, step, wall, run.label)
@@ -771,8 +843,10 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
                 saved, last_ckpt = step, time.perf_counter()
             tic = time.perf_counter()                                  # evals and saves don't count
     bar.close()
-    images = generate(ema, stage, s.final_fid_n, s.final_sampling_steps, s, device, f"{run.label} final")
-    rec.update(final_fid=from_rank0(fid_meter, images), final_grid=images[:100], wall=wall)
+    rec.update(final_fid=None, wall=wall)                              # the key marks a finished run
+    if s.final_fid_n:
+        images = generate(ema, stage, s.final_fid_n, s.final_sampling_steps, s, device, f"{run.label} final")
+        rec.update(final_fid=from_rank0(fid_meter, images), final_grid=images[:100])
     if rank == 0 and (s.ckpt_minutes > 0 or s.ckpt_every > 0):        # the finished run, record included
         save_checkpoint(path, model, ema, projector, opt, s.steps, s, run, rec)
     return rec
@@ -785,6 +859,21 @@ def evaluate(ema, stage, s, device, fid_meter, rec, step, wall, label):
     rec.setdefault("grids", {})[step] = images[:100]
     say(f"  {label} step {step}: {s.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
         f"(train time {fmt_time(wall)}, {step / wall:.1f} it/s)")
+
+
+def machine():
+    """What ran it: the commit (with '+changes' if the tree differed) and the hardware."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (commit + ("+changes" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return dict(commit=commit, platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                cpu_count=os.cpu_count(), torch=torch.__version__, python=platform.python_version())
 
 
 def sync_time(device, tic):
@@ -801,7 +890,8 @@ CKPT_FORMAT = "tiny_demo/1"
 CKPT_KEYS = {"format", "step", "settings", "run", "model", "ema", "projector", "optimizer", "rng", "record"}
 # Settings a resumed run may change: where files are, how fast it runs, how often it saves. Any
 # other difference would make the resumed run a different run. (ckpt_fid, final_fid: derived.)
-RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume", "ckpt_minutes",
+RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume", "ckpt_minutes", "runs",
+               "preset", "commit",
                "ckpt_every", "argv", "seed", "seeds", "quick", "ablate", "ckpt_fid", "final_fid"}
 
 
@@ -1071,6 +1161,10 @@ def fmt_steps(n):
     return f"{n / 1000:g}K" if n >= 1000 else str(n)
 
 
+def fmt_fid(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
 def fmt_params(n):
     return f"{n / 1e6:.1f}M"
 
@@ -1082,11 +1176,14 @@ def fmt_params(n):
 
 def make_run(s, name, label, align, **changes):
     run = SimpleNamespace(name=name, label=label, align=align, align_depth=s.align_depth,
-                          align_loss=s.align_loss, lam=s.lam, t_range=tuple(s.t_range), mlp_depth=s.mlp_depth)
+                          align_loss=s.align_loss, lam=s.lam, t_range=tuple(s.t_range), mlp_depth=s.mlp_depth,
+                          mlp_width=s.mlp_width, target_scale=s.target_scale)
     vars(run).update(changes)
+    width = f"width {run.mlp_width}" if run.mlp_width else "width 2D"
+    scale = f", target x {run.target_scale:g}" if run.target_scale != 1 else ""
     run.settings = ("vanilla" if not align else
                     f"block {run.align_depth}, {run.align_loss}, lambda {run.lam:g}, "
-                    f"t in [{run.t_range[0]:g}, {run.t_range[1]:g}], {run.mlp_depth}-layer MLP")
+                    f"t in [{run.t_range[0]:g}, {run.t_range[1]:g}], {run.mlp_depth}-layer MLP of {width}{scale}")
     return run
 
 
@@ -1119,8 +1216,11 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__.splitlines()[0])
     add = p.add_argument
     both = lambda key, text="": dict(default=None, help=f"{text} (default {DEFAULTS['full'][key] or 'all'}; "
-                                                       f"--quick {DEFAULTS['quick'][key]})".lstrip())
-    add("--quick", action="store_true", help="CPU smoke test of the whole pipeline (< 3 min on 2 cores)")
+                                                       f"cpu {DEFAULTS['cpu'][key]}; quick "
+                                                       f"{DEFAULTS['quick'][key]})".lstrip())
+    add("--preset", default="full", help="full (one GPU), cpu (two CPU cores: the question answered "
+        "in about an hour a pair), quick (smoke test) (%(default)s)")
+    add("--quick", action="store_true", help="the same as --preset quick: a CPU smoke test of the whole pipeline")
     add("--ablate", action="store_true", help="Table 1 in miniature: one run per design choice")
     add("--out", default="demo_out", help="folder for the table, PNGs, log, results.json, checkpoints "
         "(%(default)s)")
@@ -1131,9 +1231,9 @@ def parse_args(argv=None):
     add("--inception", default=os.environ.get(fid.WEIGHTS_ENV),
         help=f"FID Inception weights .pth (default: env {fid.WEIGHTS_ENV}, else fid.py's cache/download)")
     add("--device", default=None, help="cuda, mps or cpu (default: cuda, then mps, then cpu)")
-    add("--seed", default="0", help="one seed, or several comma-separated, each running both models (%(default)s)")
+    add("--seed", **both("seed", "one seed, or several comma-separated, each running both models"))
     add("--compile", action="store_true", help="torch.compile the SiT for training (pays on long CUDA runs)")
-    add("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --quick on a CPU)")
+    add("--threads", type=int, **both("threads", "CPU threads (on a CPU only; None: torch's)"))
     g = p.add_argument_group("stage 2")
     g.add_argument("--model", choices=[*sra2.PRESETS, *DEMO_MODELS], metavar="NAME",
                    **both("model", "SiT preset, or 'tiny' (4 blocks, D = 128)"))
@@ -1141,11 +1241,17 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, **both("batch_size"))
     g.add_argument("--lr", type=float, **both("lr", "AdamW learning rate, the same for both runs"))
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (%(default)s)")
+    g.add_argument("--clip", default="joint", choices=("joint", "separate", "none"),
+                   help="clip SiT and P as one vector (REPA), each on its own, or not at all (%(default)s)")
+    g.add_argument("--runs", default="baseline,sra2", help="which of the two runs to train (%(default)s)")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="cap of the EMA warm-up schedule (%(default)s)")
     g.add_argument("--align-depth", type=int, default=None,
                    help="aligned block, 1-indexed (default: the preset's, 2 for S and B)")
     g.add_argument("--align-loss", default="smooth_l1", choices=sra2.ALIGN_LOSSES, help="(%(default)s)")
     g.add_argument("--mlp-depth", type=int, default=5, help="projector layers (%(default)s)")
+    g.add_argument("--mlp-width", type=int, default=None, help="projector width (default 2D)")
+    g.add_argument("--target-scale", type=float, default=1.0,
+                   help="SRA 2 target = this x the normalised latent (smooth-L1's beta is scale-bound) (%(default)s)")
     g.add_argument("--lam", type=float, default=1.0, help="weight of the alignment loss (%(default)s)")
     g.add_argument("--t-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="align only where t in [LO, HI], t = 0 data (0 1)")
@@ -1157,10 +1263,12 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true",
                    help="continue each run from --out/ckpt/<run>.pt; finished runs are not trained again")
     g = p.add_argument_group("FID protocol")
-    g.add_argument("--evals", type=int, **both("evals", "checkpoints with FID per run (--ablate: 1)"))
+    g.add_argument("--evals", type=int, **both("evals", "checkpoints with FID per run, 0 = none (--ablate: 1)"))
+    g.add_argument("--heldout-evals", type=int, **both("heldout_evals", "checkpoints with the held-out loss, 0 = none"))
+    g.add_argument("--heldout-n", type=int, **both("heldout_n", "CIFAR-10 test images in the held-out set"))
     g.add_argument("--fid-n", type=int, **both("fid_n", "images per checkpoint FID"))
     g.add_argument("--fid-sampling-steps", type=int, **both("fid_sampling_steps", "SDE steps at checkpoints"))
-    g.add_argument("--final-fid-n", type=int, **both("final_fid_n", "images for the final FID"))
+    g.add_argument("--final-fid-n", type=int, **both("final_fid_n", "images for the final FID, 0 = none"))
     g.add_argument("--final-sampling-steps", type=int,
                    **both("final_sampling_steps", "SDE steps for the final FID"))
     g.add_argument("--fid-ref-n", type=int, **both("fid_ref_n", "training images in the reference statistics"))
@@ -1175,7 +1283,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     evals_given = args.evals is not None
-    for key, value in DEFAULTS["quick" if args.quick else "full"].items():
+    if args.quick:
+        args.preset = "quick"
+    if args.preset not in DEFAULTS:
+        p.error(f"--preset {args.preset!r}: choose one of {', '.join(DEFAULTS)}")
+    args.quick = args.preset == "quick"
+    for key, value in DEFAULTS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.quick and args.data is None:
@@ -1194,27 +1307,37 @@ def check(s):
     if len(set(s.seeds)) < len(s.seeds) or not all(0 <= seed < 2**31 for seed in s.seeds):
         raise DemoError(f"--seed {s.seed!r}: need distinct seeds in 0..{2**31 - 1}")
     s.seed = s.seeds[0]
-    for name in ("steps", "batch_size", "evals", "threads", "vae_steps", "vae_batch", "sample_batch", "mlp_depth",
-                 "log_every", "vae_width", "latent_channels", "fid_sampling_steps", "final_sampling_steps"):
+    for name in ("steps", "batch_size", "threads", "vae_steps", "vae_batch", "sample_batch", "mlp_depth",
+                 "log_every", "vae_width", "latent_channels", "fid_sampling_steps", "final_sampling_steps",
+                 "mlp_width"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("evals", "heldout_evals"):
+        if getattr(s, name) < 0:
+            raise DemoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     for name in ("fid_n", "final_fid_n", "fid_ref_n"):
-        if getattr(s, name) < 2:
-            raise DemoError(f"--{name.replace('_', '-')} must be >= 2 (FID needs a covariance), "
-                            f"got {getattr(s, name)}")
-    for name in ("lr", "grad_clip", "ema_decay", "lam", "vae_lr", "vae_kl", "ckpt_minutes", "t_range"):
+        if getattr(s, name) < 2 and not (name == "final_fid_n" and s.final_fid_n == 0):
+            raise DemoError(f"--{name.replace('_', '-')} must be >= 2 (FID needs a covariance)"
+                            f"{', or 0 for none' if name == 'final_fid_n' else ''}, got {getattr(s, name)}")
+    if s.heldout_evals and s.heldout_n < HELDOUT_T:
+        raise DemoError(f"--heldout-n must be >= {HELDOUT_T} (one image per point of the t grid), got {s.heldout_n}")
+    wanted = s.runs.split(",") if isinstance(s.runs, str) else list(s.runs)
+    if not wanted or not set(wanted) <= {"baseline", "sra2"} or len(set(wanted)) < len(wanted):
+        raise DemoError(f"--runs {s.runs!r}: need baseline, sra2 or baseline,sra2")
+    s.runs = wanted
+    for name in ("lr", "grad_clip", "ema_decay", "lam", "vae_lr", "vae_kl", "ckpt_minutes", "t_range", "target_scale"):
         if not all(map(math.isfinite, np.atleast_1d(getattr(s, name)))):
             raise DemoError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(s, name)}")
-    if s.grad_clip <= 0 or s.vae_lr <= 0 or s.vae_kl < 0 or s.ckpt_minutes < 0 or s.ckpt_every < 0:
-        raise DemoError("--grad-clip and --vae-lr must be > 0; --vae-kl, --ckpt-minutes and --ckpt-every >= 0")
+    if s.grad_clip <= 0 or s.target_scale <= 0 or s.vae_lr <= 0 or s.vae_kl < 0 or s.ckpt_minutes < 0 or s.ckpt_every < 0:
+        raise DemoError("--grad-clip, --target-scale and --vae-lr must be > 0; --vae-kl, --ckpt-minutes and --ckpt-every >= 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))                    # set by torchrun
     if s.batch_size % world:
         raise DemoError(f"--batch-size {s.batch_size} does not split evenly over {world} processes "
                         "(the global batch is shared out across torchrun's ranks)")
     if s.vae_width % 8:
         raise DemoError(f"--vae-width must be a multiple of 8 (GroupNorm groups), got {s.vae_width}")
-    if s.evals > s.steps:
-        raise DemoError(f"--evals {s.evals} is more than --steps {s.steps}")
+    if max(s.evals, s.heldout_evals) > s.steps:
+        raise DemoError(f"--evals {s.evals} / --heldout-evals {s.heldout_evals}: more than --steps {s.steps}")
     if s.n_images is not None and s.n_images < 1:
         raise DemoError(f"--n-images must be >= 1, got {s.n_images}")
     lo, hi = s.t_range
@@ -1247,10 +1370,10 @@ def setup(s):
         elif device.type != "cpu":
             raise DemoError(f"torchrun on {device.type}: use CUDA (NCCL) or --device cpu (gloo)")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if s.threads is not None or (s.quick and device.type == "cpu"):
-        # One thread for the quick mode: its ops are small, and OpenMP threads spin-wait for each
-        # other, so on a busy machine 2 threads ran it 5x slower than 1 (239 s vs 51 s, 2 cores).
-        torch.set_num_threads(s.threads or 1)
+    if s.threads is not None and device.type == "cpu":
+        # One thread for the quick preset: its ops are small, and OpenMP threads spin-wait for
+        # each other, so on a busy machine 2 threads ran it 5x slower than 1 (239 s vs 51 s).
+        torch.set_num_threads(s.threads)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")                   # TF32 for fp32 matmuls outside
         torch.backends.cudnn.benchmark = True                          # autocast (cuDNN convs: TF32 by default)
@@ -1310,26 +1433,31 @@ def demo(s, device, out, card):
         raise DemoError(f"--batch-size {s.batch_size} is more than the {len(labels)} training images")
     _, _, config = model_config(s)
     runs = ([row for row in ablation_runs(s, config.depth)] if s.ablate else
-            [("", "baseline", make_run(s, "baseline", f"{s.model}", False)),
-             ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))])
+            [row for row in [("", "baseline", make_run(s, "baseline", f"{s.model}", False)),
+                             ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))]
+             if row[2].name in s.runs])
     check_checkpoints(s, runs, out)                                    # before any work or any write
     say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
     if device.type == "cpu" and not s.quick:
         say("note: no GPU in use: the full demo on a CPU takes many hours; --quick is the CPU smoke run")
     # FID on rank 0 only; it fails early without weights.
-    fid_meter = FIDMeter(s, images, data_id, device) if rank_and_world()[0] == 0 else None
+    uses_fid = s.evals > 0 or s.final_fid_n > 0
+    fid_meter = FIDMeter(s, images, data_id, device) if rank_and_world()[0] == 0 and uses_fid else None
     stage = rank0_first(stage1, images, data_id, s, device)            # rank 0 trains, the others read
+    stage.heldout = heldout_set(s, stage, device) if s.heldout_evals else None
 
     # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind this decoder.
-    n_floor = max(s.fid_n, s.final_fid_n)
+    n_floor = max(s.fid_n if s.evals else 2, s.final_fid_n)
     recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(s.sample_batch)])
-    floor = dict(ckpt=from_rank0(fid_meter, recon[:s.fid_n]), final=from_rank0(fid_meter, recon[:s.final_fid_n]))
+    floor = dict(ckpt=from_rank0(fid_meter, recon[:s.fid_n]) if s.evals else None,
+                 final=from_rank0(fid_meter, recon[:s.final_fid_n]) if s.final_fid_n else None)
     n_show = min(50, len(recon))
     if rank_and_world()[0] == 0:
         panels(out / "vae_reconstructions.png",
                [("real", images[:n_show]), ("VAE reconstruction", recon[:n_show].numpy())],
                f"stage 1: VAE 32x32x3 -> 16x16x{s.latent_channels} -> 32x32x3")
-    say(f"VAE reconstruction floor: {s.ckpt_fid} {floor['ckpt']:.2f}, {s.final_fid} {floor['final']:.2f}")
+    if uses_fid:
+        say(f"VAE reconstruction floor: {s.ckpt_fid} {fmt_fid(floor['ckpt'])}, {s.final_fid} {fmt_fid(floor['final'])}")
 
     records = {}                                                       # (run name, seed) -> record
     for seed in s.seeds:
@@ -1359,57 +1487,89 @@ def report(s, runs, records, floor, stage, out, card, data_desc, quick, total_se
     if s.ablate:
         lines += table1_lines(s, runs, records)
     else:
-        base_name, sra_name = runs[0][2].name, runs[1][2].name
-        lines += table2_lines(s, records, base_name, sra_name, floor)
+        names = [run.name for _, _, run in runs]
+        lines += table2_lines(s, records, names, floor)
         for seed in s.seeds:
+            if s.heldout_evals:
+                lines += ["", f"held-out loss (denoising term on {s.heldout_n} test images, fixed t grid and noise, "
+                              f"EMA weights), seed {seed}"] + heldout_table([records[n, seed] for n in names])
+        if s.heldout_evals and len(s.seeds) > 1:
+            lines += ["", f"held-out loss, mean over seeds {s.seeds}"]
+            lines += heldout_table([mean_heldout([records[n, x] for x in s.seeds]) for n in names])
+        base_name, sra_name = "baseline", "sra2"
+        for seed in s.seeds if names == [base_name, sra_name] else []:
             base, sra = records[base_name, seed], records[sra_name, seed]
+            lines += ["", f"  time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% against the "
+                          f"baseline, seed {seed} (the first step of each run, compile and start-up, is not timed)",
+                             f"  gradient norm above the clip {s.grad_clip:g} ({s.clip} clipping): baseline "
+                             f"{base.get('clipped', 0)}, SRA 2 {sra.get('clipped', 0)} of {s.steps} steps"]
+            if not s.evals:
+                continue
             lines += ["", f"{s.ckpt_fid} at the checkpoints, seed {seed}"]
             lines += table(["step", "baseline FID", "train time", "SRA 2 FID", "train time"],
                            [[b["step"], f"{b['fid']:.2f}", fmt_time(b["wall"]), f"{a['fid']:.2f}", fmt_time(a["wall"])]
                             for b, a in zip(base["evals"], sra["evals"])])
             text, speedups[seed] = speedup_lines(base, sra, s)
-            lines += [""] + text + [f"  time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% "
-                                    "against the baseline (the first step of each run, compile and start-up, "
-                                    "is not timed)",
-                                    f"  gradient norm above the clip {s.grad_clip:g} (SiT and P together, as "
-                                    f"REPA): baseline {base.get('clipped', 0)}, SRA 2 {sra.get('clipped', 0)} "
-                                    f"of {s.steps} steps"]
-        if len(s.seeds) > 1:                                           # a claim needs two seeds
+            lines += [""] + text
+        if len(s.seeds) > 1 and s.evals and names == [base_name, sra_name]:   # a claim needs two seeds
             text, speedups["mean"] = speedup_lines(*(mean_record([records[name, x] for x in s.seeds])
                                                      for name in (base_name, sra_name)), s)
             lines += [""] + text
-        pictures(s, records, base_name, sra_name, out, quick)
+        pictures(s, records, names, out, quick)
     lines += ["", f"total wall time {fmt_time(total_seconds)} (stage 1 took {fmt_time(stage.seconds)} when "
                   "it was not cached)"]
     say("", *lines)
     (out / "table.txt").write_text("\n".join(lines) + "\n")
     runs_json = [{k: v for k, v in r.items() if k not in ("grids", "final_grid")} for r in records.values()]
-    results = dict(settings=vars(s), card=card, data=data_desc, floor=floor, total_seconds=total_seconds,
-                   step_fraction_to_baseline_fid=speedups, runs=runs_json)
+    results = dict(settings=vars(s), card=card, machine=machine(), data=data_desc, floor=floor,
+                   total_seconds=total_seconds, step_fraction_to_baseline_fid=speedups, runs=runs_json)
     atomic_save(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=str)))
 
 
-def table2_lines(s, records, base_name, sra_name, floor):
+def table2_lines(s, records, names, floor):
     """Table 2 of the paper in miniature: one row per run and seed, means, and the decoder's floor."""
-    rows = []
+    rows, last_fid = [], lambda r: r["evals"][-1]["fid"] if r["evals"] else None
     for seed in s.seeds:
-        for r in (records[base_name, seed], records[sra_name, seed]):
+        for r in (records[name, seed] for name in names):
             aligned = r["projector_params"] > 0
             rows.append([f"+ SRA 2 (block {s.align_depth})" if aligned else r["label"],
                          fmt_params(r["params"]) + (f" + {fmt_params(r['projector_params'])} P" if aligned else ""),
                          fmt_steps(s.steps), seed, fmt_time(r["wall"]), f"{r['log'][-1]['denoise']:.4f}",
                          f"{r['log'][-1]['align']:.4f}" if aligned else "-",
-                         f"{r['evals'][-1]['fid']:.2f}", f"{r['final_fid']:.2f}"])
+                         fmt_fid(last_fid(r)), fmt_fid(r["final_fid"])])
+    mean_or_none = lambda values: None if None in values else mean(values)
     if len(s.seeds) > 1:
-        for name, label in ((base_name, s.model), (sra_name, "+ SRA 2")):
+        for name in names:
             recs = [records[name, seed] for seed in s.seeds]
-            rows.append([f"{label} (mean)", "", fmt_steps(s.steps), "all", fmt_time(mean(r["wall"] for r in recs)),
-                         "", "", f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}",
-                         f"{mean(r['final_fid'] for r in recs):.2f}"])
-    rows.append(["VAE reconstruction floor", "", "", "", "", "", "", f"{floor['ckpt']:.2f}", f"{floor['final']:.2f}"])
+            rows.append([f"{s.model if name == 'baseline' else '+ SRA 2'} (mean)", "", fmt_steps(s.steps), "all",
+                         fmt_time(mean(r["wall"] for r in recs)), "", "",
+                         fmt_fid(mean_or_none([last_fid(r) for r in recs])),
+                         fmt_fid(mean_or_none([r["final_fid"] for r in recs]))])
+    rows.append(["VAE reconstruction floor", "", "", "", "", "", "", fmt_fid(floor["ckpt"]), fmt_fid(floor["final"])])
     return (["Table 2 in miniature (no CFG; P is dropped at inference, so both sample with the same SiT)"] +
             table(["model", "params", "iters", "seed", "train time", "denoise", "align", s.ckpt_fid, s.final_fid],
                   rows))
+
+
+def heldout_table(recs):
+    """Held-out loss at each checkpoint for each run (and SRA 2 against the baseline when both are
+    there), then the noise bands at the last checkpoint."""
+    both = len(recs) == 2
+    head = ["step"] + [r["label"] for r in recs] + (["SRA 2 - baseline"] if both else [])
+    rel = lambda a, b: f"{100 * (b / a - 1):+.2f}%"
+    rows = [[es[0]["step"]] + [f"{e['loss']:.4f}" for e in es] + ([rel(es[0]["loss"], es[1]["loss"])] if both else [])
+            for es in zip(*(r["heldout"] for r in recs))]
+    bands = [[f"  t band {band}"] + [f"{r['heldout'][-1][band]:.4f}" for r in recs]
+             + ([rel(recs[0]["heldout"][-1][band], recs[1]["heldout"][-1][band])] if both else [])
+             for band in HELDOUT_BANDS]
+    return table(head, rows + bands)
+
+
+def mean_heldout(recs):
+    """The seeds' average held-out curve, checkpoint by checkpoint."""
+    return dict(label=recs[0]["label"], heldout=[
+        dict(step=es[0]["step"], **{k: mean(e[k] for e in es) for k in ("loss", *HELDOUT_BANDS)})
+        for es in zip(*(r["heldout"] for r in recs))])
 
 
 def table1_lines(s, runs, records):
@@ -1417,45 +1577,53 @@ def table1_lines(s, runs, records):
     rows = []
     for group, setting, run in runs:
         recs = [records[run.name, seed] for seed in s.seeds]
-        rows.append([group, setting, f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}",
-                     f"{mean(r['final_fid'] for r in recs):.2f}", f"{mean(r['log'][-1]['denoise'] for r in recs):.4f}",
+        rows.append([group, setting, f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}" if s.evals else "-",
+                     fmt_fid(None if None in [r["final_fid"] for r in recs] else mean(r["final_fid"] for r in recs)), f"{mean(r['log'][-1]['denoise'] for r in recs):.4f}",
                      f"{mean(r['log'][-1]['align'] for r in recs):.4f}" if run.align else "-",
                      f"{s.steps / mean(r['wall'] for r in recs):.1f}"])
     return ([f"Table 1 in miniature ({s.model}, {s.steps} steps, mean over seeds {s.seeds})"] +
             table(["design", "setting", s.ckpt_fid, s.final_fid, "denoise", "align", "it/s"], rows))
 
 
-def pictures(s, records, base_name, sra_name, out, quick):
-    """FID vs steps and vs wall-clock, loss curves, and the matched sample grids of the first seed."""
+def pictures(s, records, names, out, quick):
+    """FID vs steps and vs wall-clock, loss curves, held-out loss, and the matched sample grids of
+    the first seed."""
     tag = lambda r: r["label"] + (f" (seed {r['seed']})" if len(s.seeds) > 1 else "")
-    pairs = [(records[base_name, seed], records[sra_name, seed]) for seed in s.seeds]
-    runs = [r for pair in pairs for r in pair]
+    runs = [records[name, seed] for seed in s.seeds for name in names]
     curve = lambda r, x, y, key="evals": [tag(r), [e[x] for e in r[key]], [e[y] for e in r[key]]]
     title = f"{s.ckpt_fid} (SDE, EMA) of {s.model} on 16x16x{s.latent_channels} latents"
-    line_chart(out / "fid_vs_steps.png", [curve(r, "step", "fid") for r in runs], title,
-               "training steps", "FID (log scale)", logy=True, note=quick)
-    line_chart(out / "fid_vs_time.png", [curve(r, "wall", "fid") for r in runs], title,
-               "training wall-clock (s, evaluations excluded)", "FID (log scale)", logy=True, note=quick)
+    if s.evals:
+        line_chart(out / "fid_vs_steps.png", [curve(r, "step", "fid") for r in runs], title,
+                   "training steps", "FID (log scale)", logy=True, note=quick)
+        line_chart(out / "fid_vs_time.png", [curve(r, "wall", "fid") for r in runs], title,
+                   "training wall-clock (s, evaluations excluded)", "FID (log scale)", logy=True, note=quick)
+    if s.heldout_evals:
+        line_chart(out / "heldout_loss.png", [curve(r, "step", "loss", "heldout") for r in runs],
+                   f"held-out denoising loss, {s.heldout_n} test images (EMA)", "training steps",
+                   "loss (log scale)", logy=True, note=quick)
     losses = []
-    for base, sra in pairs:
-        losses += [curve(base, "step", "denoise", "log"), curve(sra, "step", "denoise", "log"),
-                   curve(sra, "step", "align", "log")]
-        losses[-3][0] += ": denoise"
-        losses[-2][0] += ": denoise"
-        losses[-1][0] += ": align"
+    for r in runs:
+        losses.append(curve(r, "step", "denoise", "log"))
+        losses[-1][0] += ": denoise"
+        if r["projector_params"]:
+            losses.append(curve(r, "step", "align", "log"))
+            losses[-1][0] += ": align"
     line_chart(out / "loss_curves.png", losses, f"training losses (mean over {s.log_every} steps)",
                "training steps", "loss (log scale)", logy=True, note=quick)
-    base, sra = pairs[0]
+    if names != ["baseline", "sra2"]:
+        return
+    base, sra = records["baseline", s.seeds[0]], records["sra2", s.seeds[0]]
     tail = f"  [{quick}]" if quick else ""
     for b, a in zip(base["evals"], sra["evals"]):
         panels(out / f"samples_step{b['step']:06d}.png",
                [(f"baseline, {s.ckpt_fid} {b['fid']:.1f}", base["grids"][b["step"]].numpy()),
                 (f"SRA 2, {s.ckpt_fid} {a['fid']:.1f}", sra["grids"][a["step"]].numpy())],
                f"step {b['step']}: same noise, same labels (image i has class i % 10)" + tail)
-    panels(out / "samples_final.png",
-           [(f"baseline, {s.final_fid} {base['final_fid']:.1f}", base["final_grid"].numpy()),
-            (f"SRA 2, {s.final_fid} {sra['final_fid']:.1f}", sra["final_grid"].numpy())],
-           f"step {s.steps}, {s.final_sampling_steps}-step SDE" + tail)
+    if s.final_fid_n:
+        panels(out / "samples_final.png",
+               [(f"baseline, {s.final_fid} {base['final_fid']:.1f}", base["final_grid"].numpy()),
+                (f"SRA 2, {s.final_fid} {sra['final_fid']:.1f}", sra["final_grid"].numpy())],
+               f"step {s.steps}, {s.final_sampling_steps}-step SDE" + tail)
 
 
 if __name__ == "__main__":
