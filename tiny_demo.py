@@ -143,7 +143,7 @@ VAE_SEED = 0             # one VAE for every --seed: stage 1 is given, like the 
 
 # Models beyond the paper's presets, for CPU runs: (preset, overrides). Head dim 64 as in SiT.
 DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2)),
-               "small": ("SiT-S/2", dict(depth=6, hidden_size=192, num_heads=3))}
+               "small": ("SiT-S/2", dict(depth=8, hidden_size=128, num_heads=2))}
 HELDOUT_T = 12           # the held-out set's t grid: (j + 0.5) / 12, image i at grid point i % 12
 HELDOUT_SEED = 20_260    # its noise: one fixed draw, the same for every run, seed and checkpoint
 
@@ -155,10 +155,10 @@ DEFAULTS = {
                  fid_sampling_steps=50, final_fid_n=5000, final_sampling_steps=250,
                  fid_ref_n=50000, sample_batch=1000, log_every=50, heldout_n=2000, heldout_evals=10,
                  seed="0", threads=None),
-    "cpu": dict(model="small", steps=1200, batch_size=64, lr=3e-4, n_images=10000,
-                vae_width=32, vae_steps=400, vae_batch=64, evals=3, fid_n=500,
+    "cpu": dict(model="small", steps=1000, batch_size=64, lr=3e-4, n_images=10000,
+                vae_width=32, vae_steps=400, vae_batch=64, evals=3, fid_n=250,
                 fid_sampling_steps=25, final_fid_n=0, final_sampling_steps=50,
-                fid_ref_n=2000, sample_batch=250, log_every=25, heldout_n=1200, heldout_evals=10,
+                fid_ref_n=1000, sample_batch=250, log_every=25, heldout_n=1000, heldout_evals=10,
                 seed="0,1", threads=2),
     "quick": dict(model="tiny", steps=60, batch_size=32, lr=1e-3, n_images=1024,
                   vae_width=16, vae_steps=80, vae_batch=32, evals=5, fid_n=8,
@@ -1236,7 +1236,7 @@ def parse_args(argv=None):
     add("--threads", type=int, **both("threads", "CPU threads (on a CPU only; None: torch's)"))
     g = p.add_argument_group("stage 2")
     g.add_argument("--model", choices=[*sra2.PRESETS, *DEMO_MODELS], metavar="NAME",
-                   **both("model", "SiT preset, or 'tiny' (4 blocks, D = 128)"))
+                   **both("model", "SiT preset, 'tiny' (4 blocks, D = 128) or 'small' (8 blocks, D = 128)"))
     g.add_argument("--steps", type=int, **both("steps"))
     g.add_argument("--batch-size", type=int, **both("batch_size"))
     g.add_argument("--lr", type=float, **both("lr", "AdamW learning rate, the same for both runs"))
@@ -1438,8 +1438,8 @@ def demo(s, device, out, card):
              if row[2].name in s.runs])
     check_checkpoints(s, runs, out)                                    # before any work or any write
     say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
-    if device.type == "cpu" and not s.quick:
-        say("note: no GPU in use: the full demo on a CPU takes many hours; --quick is the CPU smoke run")
+    if device.type == "cpu" and s.preset == "full":
+        say("note: no GPU in use: the full demo on a CPU takes many hours; --preset cpu is made for two cores")
     # FID on rank 0 only; it fails early without weights.
     uses_fid = s.evals > 0 or s.final_fid_n > 0
     fid_meter = FIDMeter(s, images, data_id, device) if rank_and_world()[0] == 0 and uses_fid else None
