@@ -1241,6 +1241,10 @@ def write_cifar_folder(root, n_per_batch=4, seed=0):
         rows = images[part].transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
         with open(folder / f"data_batch_{k + 1}", "wb") as f:
             pickle.dump({b"data": rows, b"labels": labels[part].tolist()}, f, protocol=2)
+    test_images = rng.integers(0, 256, (2 * n_per_batch, 32, 32, 3), dtype=np.uint8)   # the test split
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": test_images.transpose(0, 3, 1, 2).reshape(-1, 3072),
+                     b"labels": rng.integers(0, 10, len(test_images)).tolist()}, f, protocol=2)
     return folder, images, labels
 
 

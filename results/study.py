@@ -1,0 +1,84 @@
+"""The CPU study behind the README's Results: does SRA 2 help at this scale, and what decides it?
+
+    python results/study.py run [NAME ...] [--lanes 2] [--data DIR] [--work DIR]   # train (resumable)
+    python results/study.py table [--work DIR]                                     # records, table, chart
+
+Every run is one `tiny_demo.py` command (printed in the table beside its numbers). Runs that share
+a seed share the SiT init, the batches and the noise, so each SRA 2 variant is compared with the
+baseline of the same seed and settings on identical draws. Settings are chosen on seeds 0 and 1
+with the held-out loss only; the chosen setting is then confirmed with FID on seeds 2 and 3.
+`run` works through the runs not yet finished, `lanes` processes at a time, one thread each.
+"""
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+# The screen: the 'tiny' SiT (4 blocks, D = 128), 800 steps of 64, held-out loss at 8 checkpoints.
+SCREEN = ["--preset", "cpu", "--model", "tiny", "--steps", "800", "--evals", "0", "--heldout-evals", "8"]
+# name: (what it varies, flags beyond SCREEN, the baseline it is compared with)
+VARIANTS = {
+    "base":       ("baseline", ["--runs", "baseline"], None),
+    "sra":        ("SRA 2 as in the paper (block 2, lambda 1, 5-layer MLP of width 2D)", ["--runs", "sra2"], "base"),
+    "clip_sep":   ("clip SiT and P separately", ["--runs", "sra2", "--clip", "separate"], "base"),
+    "lam0.1":     ("lambda 0.1", ["--runs", "sra2", "--lam", "0.1"], "base"),
+    "block1":     ("aligned block 1 (of 4)", ["--runs", "sra2", "--align-depth", "1"], "base"),
+    "width_D":    ("projector width D", ["--runs", "sra2", "--mlp-width", "128"], "base"),
+    "noclip_base": ("baseline, no clipping", ["--runs", "baseline", "--clip", "none"], None),
+    "noclip":     ("no clipping", ["--runs", "sra2", "--clip", "none"], "noclip_base"),
+    "lam0.5":     ("lambda 0.5", ["--runs", "sra2", "--lam", "0.5"], "base"),
+    "depth2":     ("2-layer projector", ["--runs", "sra2", "--mlp-depth", "2"], "base"),
+    "block3":     ("aligned block 3 (of 4)", ["--runs", "sra2", "--align-depth", "3"], "base"),
+    "scale0.25":  ("target x 0.25", ["--runs", "sra2", "--target-scale", "0.25"], "base"),
+    "scale4":     ("target x 4", ["--runs", "sra2", "--target-scale", "4"], "base"),
+    "lr1e-3_base": ("baseline, lr 1e-3", ["--runs", "baseline", "--lr", "1e-3"], None),
+    "lr1e-3":     ("lr 1e-3", ["--runs", "sra2", "--lr", "1e-3"], "lr1e-3_base"),
+}
+SCREEN_SEEDS = (0, 1)
+# The queue: the most telling variants first, both seeds of each before the next.
+QUEUE = [f"{name}-s{seed}" for name in VARIANTS for seed in SCREEN_SEEDS]
+
+
+def command(job, data=None, work=None):
+    """The tiny_demo.py command line of one job ("<variant>-s<seed>")."""
+    name, seed = job.rsplit("-s", 1)
+    flags = [*SCREEN, *VARIANTS[name][1], "--seed", seed, "--threads", "1", "--out", f"{work}/{job}"]
+    return ["python", "tiny_demo.py", *flags] + (["--data", str(data)] if data else []) + \
+        (["--cache", f"{work}/cache"] if work else [])
+
+
+def run(jobs, lanes, data, work):
+    def one(job):
+        if (Path(work) / job / "results.json").is_file():
+            return f"{job}: done before"
+        log = Path(work) / f"{job}.log"
+        with open(log, "w") as f:
+            rc = subprocess.call(command(job, data, work) + ["--resume"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        return f"{job}: exit {rc} ({log})"
+    with ThreadPoolExecutor(lanes) as pool:
+        for line in pool.map(one, jobs):
+            print(line, flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("run", "table"))
+    p.add_argument("jobs", nargs="*", help="jobs to run, e.g. sra-s0 (default: the whole queue)")
+    p.add_argument("--lanes", type=int, default=2)
+    p.add_argument("--data", default=None, help="CIFAR-10 folder (default: tiny_demo.py downloads it)")
+    p.add_argument("--work", default=str(REPO / "demo_out" / "study"), help="where runs write (%(default)s)")
+    a = p.parse_args(argv)
+    if a.what == "run":
+        run(a.jobs or QUEUE, a.lanes, a.data, a.work)
+
+
+if __name__ == "__main__":
+    main()
