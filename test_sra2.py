@@ -1411,6 +1411,72 @@ def test_fid_meter_shortcut_and_fid_py_paths_agree(monkeypatch):
     assert meter(images) == pytest.approx(shortcut, rel=1e-6) and shortcut > 0
 
 
+# The held-out loss: the convergence measure beside FID
+
+def test_heldout_set_is_fixed_and_heldout_loss_is_the_training_denoise_term(tmp_path):
+    """The same (z, y, t, eps) every time, t on the 12-point grid with equal bands; the loss twice
+    the same, equal to training_loss's denoising term on those draws, and the bands average to it."""
+    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path)])
+    tiny_demo.check(s)
+    torch.manual_seed(0)
+    stage = SimpleNamespace(vae=tiny_demo.VAE(8).eval(), shift=0.1, scale=2.0)
+    held, again = (tiny_demo.heldout_set(s, stage, torch.device("cpu")) for _ in range(2))
+    assert all(torch.equal(getattr(held, k), getattr(again, k)) for k in ("z", "y", "t", "eps"))
+    grid = (torch.arange(tiny_demo.HELDOUT_T) + 0.5) / tiny_demo.HELDOUT_T
+    assert torch.equal(held.t.unique(), grid.float()) and len(held.t) == s.heldout_n
+    model = sra2.create_sit("SiT-S/2", depth=2, hidden_size=64, num_heads=1, input_size=16, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))                         # not the zero init
+    model.eval()
+    first, second = tiny_demo.heldout_loss(model, held, batch=7), tiny_demo.heldout_loss(model, held)
+    assert first == pytest.approx(second, rel=1e-6) and second == tiny_demo.heldout_loss(model, held)
+    denoise = sra2.training_loss(model, held.z, held.y, t=held.t, eps=held.eps)["denoise"].item()
+    assert first["loss"] == pytest.approx(denoise, rel=1e-6) and first["loss"] > 0
+    assert first["loss"] == pytest.approx(mean(first[band] for band in tiny_demo.HELDOUT_BANDS), rel=1e-6)
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_heldout_loss_equals_the_closed_form_for_the_exact_gaussian_velocity():
+    """z ~ N(mu, s^2), v_theta = E[eps - z | x_t] exactly: the loss per element is
+    Var(eps - z | x_t) = 1 + s^2 - (t - (1 - t) s^2)^2 / ((1 - t)^2 s^2 + t^2), band by band,
+    within 5 standard errors (each element's squared error is s_t^2 times a chi-square(1))."""
+    mu, s, n = 0.3, 0.8, 12 * 2000
+    g = torch.Generator().manual_seed(0)
+    t = ((torch.arange(12, dtype=torch.float64) + 0.5) / 12)[torch.arange(n) % 12]
+    held = SimpleNamespace(z=mu + s * torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64),
+                           eps=torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64),
+                           y=torch.zeros(n, dtype=torch.long), t=t)
+    got = tiny_demo.heldout_loss(gaussian_velocity(mu, s), held)
+    conditional_var = 1 + s ** 2 - (t - (1 - t) * s ** 2) ** 2 / ((1 - t) ** 2 * s ** 2 + t ** 2)
+    for band, (lo, hi) in tiny_demo.HELDOUT_BANDS.items():
+        inside = conditional_var[(t >= lo) & (t < hi)]
+        stderr = math.sqrt(2 * inside.square().mean().item() / (4 * len(inside)))
+        assert abs(got[band] - inside.mean().item()) < 5 * stderr, band
+
+
+def test_heldout_images_come_from_the_test_split(tmp_path):
+    folder, train, _ = write_cifar_folder(tmp_path / "data")
+    s = tiny_demo.parse_args([*TINY, "--data", str(folder), "--heldout-n", "12"])
+    images, labels = tiny_demo.load_test_images(s)
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)
+    assert np.array_equal(images, raw[b"data"][:12].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert labels.tolist() == raw[b"labels"][:12] and not any((train == im).all((1, 2, 3)).any() for im in images)
+
+
+def test_cpu_preset_settings():
+    s = tiny_demo.parse_args(["--preset", "cpu"])
+    tiny_demo.check(s)
+    assert (s.model, s.steps, s.batch_size, s.seeds, s.threads, s.heldout_n, s.heldout_evals, s.evals) == \
+        ("small", 1000, 64, [0, 1], 2, 1000, 10, 3)
+    assert tiny_demo.model_config(s)[2].depth == 8 and tiny_demo.parse_args(["--preset", "cpu", "--steps", "7"]).steps == 7
+
+
 def test_read_cifar_folder_and_archive_agree(tmp_path):
     folder, images, labels = write_cifar_folder(tmp_path / "data")
     for path in (folder, folder.parent):                               # the folder or its parent
@@ -1858,7 +1924,6 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
 @pytest.mark.parametrize("flags, expected", [
     (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
     (["--fid-n", "1"], "--fid-n must be >= 2 (FID needs a covariance), got 1"),
-    (["--final-fid-n", "1"], "--final-fid-n must be >= 2 (FID needs a covariance), got 1"),
     (["--fid-ref-n", "1"], "--fid-ref-n must be >= 2 (FID needs a covariance), got 1"),
     (["--model", "SiT-M/2"], "argument --model: invalid choice"),
     (["--align-loss", "huber"], "argument --align-loss: invalid choice"),
@@ -1870,7 +1935,17 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
     (["--lr", "0"], "--lr must be > 0, got 0"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1"),
     (["--lam", "-1"], "--lam must be >= 0, got -1"),
-    (["--grad-clip", "0"], "--grad-clip and --vae-lr must be > 0"),
+    (["--grad-clip", "0"], "--grad-clip, --target-scale and --vae-lr must be > 0"),
+    (["--target-scale", "0"], "--grad-clip, --target-scale and --vae-lr must be > 0"),
+    (["--preset", "gpu"], "argument --preset: invalid choice: 'gpu'"),
+    (["--clip", "both"], "argument --clip: invalid choice: 'both'"),
+    (["--runs", "sra3"], "--runs 'sra3': need baseline, sra2 or baseline,sra2"),
+    (["--runs", "sra2,sra2"], "--runs 'sra2,sra2': need baseline, sra2 or baseline,sra2"),
+    (["--evals", "-1"], "--evals must be >= 0, got -1"),
+    (["--heldout-evals", "-1"], "--heldout-evals must be >= 0, got -1"),
+    (["--heldout-n", "5"], "--heldout-n must be >= 12 (one image per point of the t grid), got 5"),
+    (["--final-fid-n", "1"], "--final-fid-n must be >= 2 (FID needs a covariance), or 0 for none, got 1"),
+    (["--mlp-width", "0"], "--mlp-width must be >= 1, got 0"),
     (["--vae-kl", "-1"], "--vae-kl, --ckpt-minutes and --ckpt-every >= 0"),
     (["--ckpt-every", "-1"], "--ckpt-every >= 0"),
     (["--ckpt-minutes", "inf"], "--ckpt-minutes must be a finite number"),
@@ -1879,7 +1954,8 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
     (["--final-sampling-steps", "0"], "--final-sampling-steps must be >= 1, got 0"),
     (["--n-images", "0"], "--n-images must be >= 1"),
     (["--vae-width", "12"], "--vae-width must be a multiple of 8"),
-    (["--evals", "11"], "--evals 11 is more than --steps 10"),
+    (["--evals", "11"], "--evals 11 / --heldout-evals 3: more than --steps 10"),
+    (["--heldout-evals", "11"], "--evals 5 / --heldout-evals 11: more than --steps 10"),
     (["--align-depth", "0"], "--align-depth 0 is beyond tiny's 4 blocks (choose 1..4)"),
     (["--device", "abc"], "--device abc:"),
     (["--device", "mps:0" if not torch.backends.mps.is_available() else "cuda:99"], "is not available"),
