@@ -7,7 +7,7 @@ branch: the tokens h of an early block go through a small MLP P and are pulled, 
 is what the model denoises anyway, so the target costs nothing. At inference P is dropped and what
 remains is a plain SiT. Start reading at `training_loss`; above it are SiT, the projector P and
 the interpolant it uses, below it the samplers and small utilities (EMA, device, precision).
-Importing the file runs nothing; `python sra2.py --bench` times it.
+Importing the file runs nothing; bench.py beside it times it.
 
 Conventions (the sources in this field disagree; this file follows REPA, which SRA 2 builds on):
     t = 0 is data, t = 1 is noise.  Linear path: x_t = (1 - t) * z + t * eps,  v = eps - z.
@@ -24,9 +24,7 @@ Shape letters: N batch, C latent channels, H W latent height and width, p patch 
 import argparse
 import copy
 import math
-import statistics
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +123,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
         angles = t.float()[:, None] * freqs[None]                  # (N, 128)
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))  # cos first, as SiT
+        emb = torch.cat([angles.cos(), angles.sin()], dim=1)        # cos first, as SiT
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))          # a float64 model runs as float64
 
 
 class LabelEmbedder(nn.Module):
@@ -292,21 +291,17 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x_t, t, y, return_hidden_at=None, drop_labels=None):
+    def forward(self, x_t, t, y, drop_labels=None):
         """x_t (N, C, H, W), t (N,) in [0, 1] (0 = data), y (N,) labels, num_classes = null label.
-        Returns v (N, C, H, W); with return_hidden_at=k also h (N, T, D), the output of block k.
-        drop_labels (N,) bool: the label-dropout draw, if the caller makes it (see LabelEmbedder)."""
+        Returns v (N, C, H, W). drop_labels (N,) bool: the label-dropout draw, if the caller makes
+        it (see LabelEmbedder). SRA 2 reads block k's output with `tap`, from outside."""
         t = self.check_inputs(x_t, t, y)
         x = self.x_embedder(x_t) + self.pos_embed                  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, drop_labels)   # (N, D) conditioning
-        h = None
-        for depth, block in enumerate(self.blocks, start=1):
-            x = block(x, c)
-            if depth == return_hidden_at:                          # SRA 2 taps h here, for free
-                h = x
+        for block in self.blocks:
+            x = block(x, c)                                        # (N, T, D)
         v = unpatchify(self.final_layer(x, c), self.config.patch_size, *x_t.shape[2:])
-        v = v[:, :self.config.in_channels]                         # learn_sigma: drop the unused half
-        return v if return_hidden_at is None else (v, h)
+        return v[:, :self.config.in_channels]                      # learn_sigma: drop the unused half
 
     def check_inputs(self, x_t, t, y):
         """Clear errors instead of a wrong answer or an opaque shape error deep inside.
@@ -375,8 +370,39 @@ def load_sit_checkpoint(model, checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------
-# SRA 2: the projector P
+# SRA 2: the tap on block k and the projector P
 # ---------------------------------------------------------------------------------------------
+
+
+def _inner(model):
+    """The model itself, inside DistributedDataParallel (.module) or torch.compile (._orig_mod)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@contextmanager
+def tap(model, depths):
+    """Capture the hidden tokens h (N, T, D) after block k (1-indexed) for each k in `depths`, with
+    forward hooks on model.blocks: any SiT/DiT-like model (SiT, DiT, REPA, LightningDiT; also inside
+    DDP or torch.compile) works unchanged. The hooks go when the `with` ends, also on an error.
+        with tap(model, [2]) as hidden:
+            v = model(x_t, t, y)
+        h = hidden[2]"""
+    blocks = getattr(_inner(model), "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"{type(_inner(model)).__name__} has no `blocks` ModuleList to tap")
+    for k in depths:
+        if not 1 <= k <= len(blocks):
+            raise ValueError(f"align depth {k} is outside the model's blocks 1..{len(blocks)}")
+    hidden = {}
+    handles = [blocks[k - 1].register_forward_hook(lambda module, args, out, k=k: hidden.__setitem__(k, out))
+               for k in sorted(set(depths))]
+    try:
+        yield hidden
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Projector(nn.Module):
@@ -404,9 +430,24 @@ class Projector(nn.Module):
 
 def make_projector(model, depth=5, width=None):
     """P for this SiT: D -> p*p*C, one clean latent patch per token. Default: 5 layers of width 2D
-    (8.3M parameters at B/2, the paper's "8M"); depth=2 gives 1.2M (the paper's "1M")."""
+    (8.3M parameters at B/2, the paper's "8M"); depth=2 gives 1.2M (the paper's "1M").
+    Another model: Projector(D, p * p * C)."""
     cfg = model.config
     return Projector(cfg.hidden_size, cfg.patch_size ** 2 * cfg.in_channels, depth, width)
+
+
+@dataclass
+class Alignment:
+    """One alignment term: weight * loss(P(h_k), target), h_k the tokens after block `depth`.
+    target None: f_VAE, the clean latent z as tokens (SRA 2); else (N, T, d) features of this
+    batch from any encoder (REPA: DINOv2, with loss="cosine", weight 0.5 and block 8)."""
+    name: str
+    depth: int
+    projector: nn.Module
+    target: torch.Tensor = None
+    loss: str = "smooth_l1"
+    weight: float = 1.0
+    t_range: tuple = (0.0, 1.0)     # align only the samples with t in [lo, hi]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,38 +506,54 @@ def alignment_loss(f_sit, f_vae, kind="smooth_l1", beta=0.05):
 
 
 def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, align_loss="smooth_l1",
-                  t_range=(0.0, 1.0), target=None, path="linear", t=None, eps=None, drop_labels=None):
+                  t_range=(0.0, 1.0), target=None, alignments=(), path="linear", t=None, eps=None,
+                  drop_labels=None):
     """The SRA 2 objective: L = L_denoise + lam * L_align, from one forward pass at one t.
 
-    z (N, C, H, W) clean latents (t = 0 is data), y (N,) labels. projector=None: plain SiT (align = 0).
-    The alignment target is f_VAE = z itself, as tokens, or `target` (N, T, d) from any encoder
-    (REPA-style). With a t_range, the alignment term is the mean over the samples whose t lies
-    inside it (so each of them weighs more than with the full range; lam keeps its meaning as
-    the weight of a per-sample average). t, eps and the label-dropout mask drop_labels (N,) may
-    be given (tests; data-parallel training, where each rank takes its share of one global draw);
-    by default t ~ U[0, 1), eps ~ N(0, I) and the dropout come from the global RNG.
-    Returns {"loss", "denoise", "align"}."""
-    cfg = getattr(model, "module", model).config                   # unwrap DistributedDataParallel
+    z (N, C, H, W) clean latents (t = 0 is data), y (N,) labels. model: sra2's SiT or any model
+    called as model(x_t, t, y) with its blocks in `model.blocks` (align_depth then required).
+    projector P: the SRA 2 term "align", P(h) after block align_depth pulled toward f_VAE = z as
+    tokens (or toward `target` (N, T, d)); projector=None: a plain SiT (align = 0).
+    alignments: more terms (Alignment), e.g. REPA's next to SRA 2, each returned by its name.
+    With a t_range, a term is the mean over the samples whose t lies inside it (lam keeps its
+    meaning as the weight of a per-sample average). t, eps and the label-dropout mask drop_labels
+    (N,) may be given (tests; data-parallel training, where each rank takes its share of one
+    global draw; drop_labels is passed to the model only when given); by default they come from
+    the global RNG. Returns {"loss", "denoise", "align", and each alignment's name}."""
+    inner = _inner(model)
+    if projector is not None:
+        depth = align_depth or getattr(getattr(inner, "config", None), "align_depth", None)
+        if depth is None:
+            raise ValueError(f"align_depth is needed: {type(inner).__name__} has no config.align_depth")
+        alignments = [Alignment("align", depth, projector, target, align_loss, lam, t_range), *alignments]
+    names = [a.name for a in alignments]
+    if len(set(names)) < len(names) or {"loss", "denoise"} & set(names):
+        raise ValueError(f"alignment names must be distinct and not 'loss' or 'denoise', got {names}")
     t_dtype = torch.promote_types(z.dtype, torch.float32)          # never bf16 times
     t = torch.rand(z.shape[0], device=z.device, dtype=t_dtype) if t is None else t
     eps = torch.randn_like(z) if eps is None else eps
     x_t, v_target = interpolate(z, eps, t, path)                   # x_t = (1-t) z + t eps, v = eps - z
-    drop = {} if drop_labels is None else dict(drop_labels=drop_labels)   # other SiTs lack the kwarg
-    if projector is None:
+    drop = {} if drop_labels is None else dict(drop_labels=drop_labels)
+    with tap(model, [a.depth for a in alignments]) as hidden:      # h (N, T, D) after each block k
         v = model(x_t, t, y, **drop)
-        align = z.new_zeros(())
-    else:
-        k = align_depth or cfg.align_depth
-        if not 1 <= k <= cfg.depth:
-            raise ValueError(f"align_depth {k} is outside the model's 1..{cfg.depth}")
-        v, h = model(x_t, t, y, return_hidden_at=k, **drop)        # h (N, T, D) after block k
-        f_sit = projector(h)                                       # P(h) (N, T, p*p*C)
-        f_vae = patchify(z, cfg.patch_size) if target is None else target   # (N, T, p*p*C), (p, q, c)
-        per_sample = alignment_loss(f_sit, f_vae, align_loss)      # (N,)
-        in_range = ((t >= t_range[0]) & (t <= t_range[1])).float()
-        align = (per_sample * in_range).sum() / in_range.sum().clamp(min=1)
     denoise = (v.float() - v_target.float()).square().mean()       # mean over C, H, W and batch
-    return {"loss": denoise + lam * align, "denoise": denoise, "align": align}
+    parts = {"loss": denoise, "denoise": denoise, "align": denoise.new_zeros(())}
+    for a in alignments:
+        f_sit = a.projector(hidden[a.depth])                       # P(h) (N, T, d)
+        f_target = patchify(z, _patch_size(inner)) if a.target is None else a.target   # f_VAE: (p, q, c)
+        per_sample = alignment_loss(f_sit, f_target, a.loss)       # (N,)
+        in_range = ((t >= a.t_range[0]) & (t <= a.t_range[1])).float()
+        parts[a.name] = (per_sample * in_range).sum() / in_range.sum().clamp(min=1)
+        parts["loss"] = parts["loss"] + a.weight * parts[a.name]
+    return parts
+
+
+def _patch_size(model):
+    """p of sra2's SiT (config.patch_size) or of DiT/SiT/REPA's code (patch_size, int or pair)."""
+    p = getattr(getattr(model, "config", None), "patch_size", None) or getattr(model, "patch_size", None)
+    if p is None:
+        raise ValueError(f"{type(model).__name__}: no patch_size found; pass the target as tokens")
+    return p if isinstance(p, int) else p[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,21 +561,27 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
 # ---------------------------------------------------------------------------------------------
 
 
-def guided_velocity(model, x, t, y, cfg_scale=1.0, null_label=None):
-    """v(x, t | y) with classifier-free guidance on ALL channels (DiT/SiT guide only 3 of 4, a bug):
-    v = v_uncond + cfg_scale * (v_cond - v_uncond). The conditional and null-label halves run as one
-    doubled batch (2N); at scale 1 only the conditional pass runs. x in the model's dtype, t a float."""
-    t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+def guided_velocity(model, x, t, y, cfg_scale=1.0, dtype=None, null_label=None):
+    """v(x, t | y) with classifier-free guidance w = cfg_scale on all C channels:
+    v = v_uncond + w (v_cond - v_uncond), mixed in x's dtype (the sampler's float64 state); the
+    model runs in `dtype` (default x's). The conditional and null-label halves run as one doubled
+    batch (2N); at w = 1 only the conditional pass runs. w = 0 samples unconditionally and
+    0 < w < 1 interpolates (REPA treats any w <= 1 as no guidance). DiT and SiT guide only the
+    first 3 of 4 channels, by their own choice, which their released numbers depend on."""
+    dtype = dtype or x.dtype
+    t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
     if cfg_scale == 1.0:
-        return model(x, t_vec, y)
-    null_label = getattr(model, "module", model).config.num_classes if null_label is None else null_label
-    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_vec, t_vec]),
-                             torch.cat([y, torch.full_like(y, null_label)])).chunk(2)   # 2N -> N, N
+        return model(x.to(dtype), t_vec, y).to(x.dtype)
+    null_label = _inner(model).config.num_classes if null_label is None else null_label
+    v_cond, v_uncond = model(torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]),
+                             torch.cat([y, torch.full_like(y, null_label)])).to(x.dtype).chunk(2)  # 2N -> N, N
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 def guidance_scale(t, cfg_scale, guidance_interval):
     """CFG only for t in [low, high] (REPA: high = 0.7, so the noisiest 30% of steps run unguided)."""
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     return cfg_scale if guidance_interval[0] <= t <= guidance_interval[1] else 1.0
 
 
@@ -544,10 +607,12 @@ def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t                                            # < 0
         w = guidance_scale(t, cfg_scale, guidance_interval)
-        v = guided_velocity(model, x.to(noise.dtype), t, y, w).to(state)
+        v = guided_velocity(model, x, t, y, w, dtype=noise.dtype)  # in the state's dtype
         t_vec = torch.full((x.shape[0],), t, dtype=state, device=x.device)
         s = score_from_velocity(v, x, t_vec, path)                 # score from velocity
-        sigma_t = path_coefficients(torch.tensor(t), path)[1].item()
+        sigma_t = path_coefficients(t_vec[:1], path)[1].item()      # t in float64, not rounded
+        # Why v - sigma_t s: by Fokker-Planck, run from t = 1 to 0, dx = (v - sigma_t s) dt +
+        # sqrt(2 sigma_t) dW has the marginals p_t of the ODE dx = v dt for any sigma_t >= 0.
         drift = v - sigma_t * s                                    # d = v - sigma_t s (linear: v - t s)
         x = x + drift * dt
         if i < num_steps - 1:                                      # last step to 0: mean only, no noise
@@ -568,7 +633,7 @@ def sample_ode(model, noise, y, num_steps=50, method="heun", cfg_scale=1.0,
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
     state = state_dtype(noise.device)
-    velocity = lambda x, t, w: guided_velocity(model, x.to(noise.dtype), t, y, w).to(state)
+    velocity = lambda x, t, w: guided_velocity(model, x, t, y, w, dtype=noise.dtype)
     x = noise.to(state)
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         w = guidance_scale(t, cfg_scale, guidance_interval)
@@ -620,175 +685,3 @@ def autocast(device, enabled=True):
     if not enabled or device.type not in ("cuda", "cpu"):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: `python sra2.py --bench` (a script, not part of the library: nothing runs on import)
-# ---------------------------------------------------------------------------------------------
-
-
-def _timed(fn, device, warmup, iters):
-    """Median seconds per call of fn() after warmup calls, synchronising the device around each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _train_flops_per_image(config, sra):
-    """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode on a meta-device
-    copy (no memory, no time; there SDPA runs as plain matmuls, so attention is counted too)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        model = SiT(config)
-        projector = make_projector(model) if sra else None
-        z = torch.randn(1, config.in_channels, config.input_size, config.input_size)
-        y = torch.zeros(1, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            training_loss(model, z, y, projector)["loss"].backward()
-    return counter.get_total_flops()
-
-
-def _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, official=None):
-    """One row: images/s, peak memory and FLOP/s of a full training step (fwd, bwd, AdamW)."""
-    torch.manual_seed(0)
-    if official is None:
-        model = create_sit(name, **overrides).to(device)
-    else:                                          # official SiT models.py: same math, no SRA 2 tap
-        config = SiTConfig(**{**PRESETS[name], **overrides})
-        kwargs = {k: v for k, v in vars(config).items() if k not in ("align_depth", "learn_sigma")}
-        model = official.SiT(**kwargs, learn_sigma=False).to(device)
-        model.config = config
-    projector = make_projector(model).to(device) if sra else None
-    flops = _train_flops_per_image(model.config, sra)                # the official model: same math
-    params = list(model.parameters()) + (list(projector.parameters()) if sra else [])
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
-    cfg = model.config
-    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    eager_fn = lambda z, y, t, eps: training_loss(model, z, y, projector, t=t, eps=eps)
-    loss_fn = torch.compile(eager_fn) if mode == "bf16+compile" else eager_fn
-
-    def step():
-        t, eps = torch.rand(batch, device=device), torch.randn_like(z)
-        with autocast(device, enabled=mode != "fp32"):
-            loss = loss_fn(z, y, t, eps)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    seconds = _timed(step, device, warmup, iters)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    compile_err = float("nan")
-    if loss_fn is not eager_fn:                                    # compiled vs eager, same inputs
-        t, eps = torch.rand(batch, device=device), torch.randn_like(z)
-        with torch.no_grad():                                      # far from the zero-output init
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        y_null = torch.full_like(y, cfg.num_classes)              # label dropout cannot change these
-        with torch.no_grad(), autocast(device):
-            a, b = loss_fn(z, y_null, t, eps), eager_fn(z, y_null, t, eps)
-        compile_err = max(abs(a[k].item() - b[k].item()) / abs(b[k].item()) for k in ("denoise", "align") if b[k])
-    return dict(compile_err=compile_err, model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
-                img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak,
-                tflops=flops * batch / seconds / 1e12)
-
-
-def _bench_sampler(name, batch, steps, compiled, device, overrides, iters):
-    model = create_sit(name, **overrides).to(device).eval()
-    cfg = model.config
-    model = torch.compile(model) if compiled else model
-    noise = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    run = lambda: sample_sde(model, noise, y, num_steps=steps)
-    with autocast(device):
-        seconds = _timed(run, device, warmup=1, iters=iters)
-    return dict(model=name, batch=batch, steps=steps, compiled=compiled, img_s=batch / seconds, s=seconds)
-
-
-def _matmul_ceiling(device, n):
-    """TFLOP/s of one large bf16 (CPU: fp32) matmul: the practical ceiling for this device."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / _timed(lambda: a @ b, device, warmup=3, iters=10) / 1e12
-
-
-def benchmark(device, quick=False, official_path=None):
-    """Training-step and sampler throughput. quick: tiny sizes for a CPU smoke run."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True                   # "fp32" means fp32/TF32, as SiT
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        return _benchmark(device, quick, official_path)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-
-def _benchmark(device, quick, official_path):
-    official = None
-    if official_path:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("official_sit_models", official_path)
-        official = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(official)
-    if quick:                                                      # a 4-block S/2 on 8x8 latents
-        overrides = dict(input_size=8, num_classes=10, depth=4, hidden_size=128, num_heads=2)
-        warmup, iters = 1, 3
-        cases = [("SiT-S/2", 8)]
-        modes = ["fp32", "bf16"]
-        sampler = ("SiT-S/2", 8, 10)
-    else:                                                          # ImageNet 256: 32x32x4 latents
-        overrides = dict(input_size=32, num_classes=1000)
-        warmup, iters = 5, 10
-        cases = [("SiT-B/2", 256), ("SiT-XL/2", 64)]
-        modes = ["fp32", "bf16"] + (["bf16+compile"] if device.type == "cuda" else [])
-        sampler = ("SiT-B/2", 256, 250)
-    ceiling = _matmul_ceiling(device, 1024 if quick else 8192)
-    rows = []
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
-    header = f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}  (ceiling: a large matmul, bf16 on CUDA, fp32 on CPU)"
-    if quick:
-        print(f"quick mode: a smoke run, the models are shrunk to {overrides}")
-    print(header)
-    for name, batch in cases:
-        variants = [(m, s, None) for m in modes for s in (False, True)]
-        variants += [(m, False, official) for m in modes] if official else []
-        for mode, sra, off in variants:
-            r = _bench_train(name, batch, mode, sra, device, overrides, warmup, iters, off)
-            rows.append(r)
-            print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}{r['img_s']:>9.1f}"
-                  f"{r['ms']:>9.1f}{r['peak_gib']:>10.2f}{r['tflops']:>9.1f}{r['tflops'] / ceiling:>8.0%}"
-                  + (f"  compiled vs eager loss: {r['compile_err']:.1e} relative" if r["compile_err"] == r["compile_err"] else ""), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    name, batch, steps = sampler
-    for compiled in [False] + ([True] if device.type == "cuda" else []):
-        r = _bench_sampler(name, batch, steps, compiled, device, overrides, iters=1 if not quick else 2)
-        rows.append(r)
-        print(f"sampler {name} batch {batch}, {steps}-step Euler-Maruyama, bf16"
-              f"{' + compile' if compiled else ''}: {r['img_s']:.1f} img/s ({r['s']:.2f} s per batch)", flush=True)
-    return rows
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="sra2 is a library; this entry point only benchmarks it.")
-    parser.add_argument("--bench", action="store_true", help="measure training and sampling throughput")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run in seconds")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--official", default=None, metavar="MODELS_PY",
-                        help="also time the official SiT models.py (needs timm; never committed here)")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench (the library itself is imported, not run)")
-    benchmark(pick_device(args.device), quick=args.quick, official_path=args.official)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
+import bench
 import fid
 import sra2
 import tiny_demo
@@ -388,6 +389,169 @@ def test_generic_target_features_of_any_width():
         sra2.training_loss(model, z, y, projector, target=torch.randn(3, 16, 5), t=t)
 
 
+def manual_forward(model, x_t, t, y, k):
+    """sra2's SiT by hand, module by module: v and h after block k (what the tap must capture)."""
+    x = model.x_embedder(x_t) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    h = None
+    for depth, block in enumerate(model.blocks, start=1):
+        x = block(x, c)
+        h = x if depth == k else h
+    return sra2.unpatchify(model.final_layer(x, c), 2, *x_t.shape[2:])[:, :4], h
+
+
+def test_tap_gives_the_loss_and_gradients_of_a_hand_written_forward():
+    model = perturbed(tiny_sit()).eval()                           # eval: no random label dropout
+    projector = perturbed(sra2.make_projector(model), seed=1)
+    z, t, y = batch()
+    eps = torch.randn_like(z)
+    parts = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    parts["loss"].backward()
+    grads = [p.grad.clone() for p in [*model.parameters(), *projector.parameters()] if p.grad is not None]
+    model.zero_grad(), projector.zero_grad()
+    x_t, v_target = sra2.interpolate(z, eps, t)
+    v, h = manual_forward(model, x_t, t, y, k=2)
+    align = sra2.alignment_loss(projector(h), sra2.patchify(z, 2)).mean()
+    loss = (v - v_target).square().mean() + align
+    loss.backward()
+    again = [p.grad for p in [*model.parameters(), *projector.parameters()] if p.grad is not None]
+    assert parts["loss"].item() == loss.item() and parts["align"].item() == align.item()
+    assert len(grads) == len(again) and all(torch.equal(a, b) for a, b in zip(grads, again))
+    assert all(not b._forward_hooks for b in model.blocks)         # nothing left registered
+
+
+def test_tap_is_removed_when_the_forward_raises_and_bad_taps_are_clear_errors():
+    model = tiny_sit()
+    z, t, y = batch()
+    with pytest.raises(ValueError, match="labels must be in"):
+        sra2.training_loss(model, z, y + 100, sra2.make_projector(model), t=t)
+    assert all(not b._forward_hooks for b in model.blocks)
+    with pytest.raises(ValueError, match="align depth 5 is outside the model's blocks 1..4"):
+        with sra2.tap(model, [2, 5]):
+            pass
+    assert all(not b._forward_hooks for b in model.blocks)
+    with pytest.raises(ValueError, match="Linear has no `blocks` ModuleList"):
+        with sra2.tap(torch.nn.Linear(2, 2), [1]):
+            pass
+    P = sra2.make_projector(model)
+    with pytest.raises(ValueError, match="names must be distinct"):
+        sra2.training_loss(model, z, y, P, alignments=[sra2.Alignment("align", 1, P)], t=t)
+    with pytest.raises(ValueError, match="projector output .* and target .* differ"):
+        sra2.training_loss(model, z, y, alignments=[sra2.Alignment("repa", 3, P, target=torch.randn(3, 16, 7))], t=t)
+    assert all(not b._forward_hooks for b in model.blocks)
+
+
+class DiTShaped(torch.nn.Module):
+    """A model in the shape of DiT/SiT/REPA's code, not sra2's SiT: patch_size, blocks, forward(x, t, y).
+    Its own small blocks (MLP tokens, additive conditioning); enough for a tap and an alignment."""
+
+    def __init__(self, D=32, p=2, C=4, size=8, depth=4, num_classes=10):
+        super().__init__()
+        self.patch_size, self.in_channels = p, C
+        self.x_embedder = torch.nn.Conv2d(C, D, p, stride=p)
+        self.pos_embed = torch.nn.Parameter(0.1 * torch.randn(1, (size // p) ** 2, D))
+        self.t_embedder, self.y_embedder = torch.nn.Linear(1, D), torch.nn.Embedding(num_classes + 1, D)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(D), torch.nn.Linear(D, D),
+                                                              torch.nn.GELU()) for _ in range(depth))
+        self.final_layer = torch.nn.Linear(D, p * p * C)
+
+    def forward(self, x, t, y):
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed         # (N, T, D)
+        c = (self.t_embedder(t[:, None]) + self.y_embedder(y))[:, None]             # (N, 1, D)
+        for block in self.blocks:
+            h = h + block(h + c)
+        return sra2.unpatchify(self.final_layer(h), self.patch_size, *x.shape[2:])
+
+
+def test_sra2_and_repa_terms_together_on_a_dit_shaped_model():
+    """Two alignment terms in one step on a model that is not sra2's SiT: each term equals its
+    hand-computed value from h after its own block, and loss = denoise + sum of weight x term."""
+    torch.manual_seed(0)
+    model = DiTShaped()
+    z, t, y = batch()
+    eps, dino = torch.randn_like(z), torch.randn(3, 16, 24)        # (N, T, d) external features
+    P_sra, P_repa = sra2.Projector(32, 16), sra2.Projector(32, 24, depth=3)
+    terms = [sra2.Alignment("sra2", 2, P_sra), sra2.Alignment("repa", 3, P_repa, dino, "cosine", 0.5)]
+    parts = sra2.training_loss(model, z, y, alignments=terms, t=t, eps=eps)
+    hidden = {}
+    handles = [model.blocks[k - 1].register_forward_hook(lambda m, a, out, k=k: hidden.__setitem__(k, out))
+               for k in (2, 3)]
+    x_t, v_target = sra2.interpolate(z, eps, t)
+    denoise = (model(x_t, t, y) - v_target).square().mean()
+    [h.remove() for h in handles]
+    sra_term = sra2.alignment_loss(P_sra(hidden[2]), sra2.patchify(z, 2)).mean()
+    repa_term = (1 - torch.nn.functional.cosine_similarity(P_repa(hidden[3]), dino, dim=-1)).mean()
+    torch.testing.assert_close(parts["sra2"], sra_term)
+    torch.testing.assert_close(parts["repa"], repa_term)
+    torch.testing.assert_close(parts["loss"], denoise + sra_term + 0.5 * repa_term)
+    assert set(parts) == {"loss", "denoise", "align", "sra2", "repa"} and parts["align"] == 0
+    with pytest.raises(ValueError, match="align_depth is needed"):
+        sra2.training_loss(model, z, y, P_sra, t=t)                # no config: the block must be named
+    assert torch.isfinite(sra2.training_loss(model, z, y, P_sra, align_depth=1, t=t)["align"])
+
+
+def readme_snippets(section):
+    """The python blocks of one README section, in order."""
+    text = (HERE / "README.md").read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+class SiTStyleTransport:
+    """SiT's training loss in SiT's own time direction (tau = 1 data, target u = z - eps), as its
+    transport.training_losses computes it: the README snippet must not care about the direction."""
+
+    def training_losses(self, model, x1, model_kwargs):
+        tau = torch.rand(x1.shape[0])
+        x0 = torch.randn_like(x1)
+        x_tau = tau[:, None, None, None] * x1 + (1 - tau[:, None, None, None]) * x0
+        u = model(x_tau, tau, **model_kwargs)
+        return {"loss": (u - (x1 - x0)).square().mean((1, 2, 3))}
+
+
+def test_readme_snippets_run_on_a_dit_shaped_model():
+    """Both snippets of "Add SRA 2 to your training script", run as written on a model that is
+    not sra2's SiT: the loss holds the alignment term, P gets gradients, no hook stays behind, and
+    with REPA next to it the loss is denoise + sra2 + 0.5 repa."""
+    first, second = readme_snippets("Add SRA 2 to your training script")
+    torch.manual_seed(0)
+    model = DiTShaped()
+    x, _, y = batch()
+    scope = dict(torch=torch, model=model, x=x, y=y, transport=SiTStyleTransport(), hidden_size=32,
+                 patch_size=2, latent_channels=4, device="cpu")
+    exec(first, scope)
+    assert scope["loss"].item() == pytest.approx(scope["loss_dict"]["loss"].mean().item() + scope["align"].item())
+    assert scope["align"] > 0 and all(p.grad is not None for p in scope["projector"].parameters())
+    assert all(not b._forward_hooks for b in model.blocks)
+    scope.update(repa_projector=sra2.Projector(32, 24), dino_tokens=torch.randn(3, 16, 24),
+                 model=DiTShaped(depth=8))
+    exec(second, scope)
+    parts = scope["parts"]
+    torch.testing.assert_close(parts["loss"], parts["denoise"] + parts["sra2"] + 0.5 * parts["repa"])
+    assert parts["sra2"] > 0 and parts["repa"] > 0
+
+
+def test_tap_under_bf16_autocast_and_data_parallel(tmp_path):
+    """The same loss under bf16 autocast (within bf16 rounding) and through a one-process
+    DistributedDataParallel wrapper (exactly), with no hook left behind."""
+    from torch.nn.parallel import DistributedDataParallel
+    model = perturbed(tiny_sit()).eval()
+    projector = sra2.make_projector(model)
+    z, t, y = batch()
+    eps = torch.randn_like(z)
+    plain = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    with sra2.autocast("cpu"):
+        low = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+    for key in ("denoise", "align"):
+        assert abs(low[key].item() - plain[key].item()) <= 2e-2 * plain[key].item()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = sra2.training_loss(DistributedDataParallel(model), z, y, projector, t=t, eps=eps)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert wrapped["loss"].item() == plain["loss"].item()
+    assert all(not b._forward_hooks for b in model.blocks)
+
+
 def test_loss_is_denoise_plus_lambda_align():
     model = perturbed(tiny_sit()).eval()                           # eval: no random label dropout
     projector = sra2.make_projector(model)
@@ -489,6 +653,49 @@ def test_sde_equals_float64_step_by_step_reference():
             x = x + math.sqrt(2 * t) * math.sqrt(-dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
     out = sra2.sample_sde(model, noise, y, num_steps=4, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(out, x.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float64, torch.float32])
+def test_guided_sde_state_is_float64_end_to_end(model_dtype):
+    """Guided (w = 2.5, inside t <= 0.7 only) Euler-Maruyama against a float64 reference written
+    out by hand, with the same model calls (one doubled batch when guided) and noise draws: equal
+    to 1e-12, so t, sigma_t and the guidance mix are never rounded to the model's precision."""
+    model = perturbed(tiny_sit()).to(model_dtype).eval()
+    noise, _, y = batch(n=2, seed=3)
+    noise = noise.to(model_dtype)
+    times = torch.linspace(1.0, 0.04, 5, dtype=torch.float64).tolist() + [0.0]
+    g = torch.Generator().manual_seed(7)
+    x, null = noise.double(), torch.full_like(y, 10)
+    for i in range(5):
+        t, dt = times[i], times[i + 1] - times[i]
+        t_vec = torch.full((2,), t, dtype=model_dtype)
+        if t <= 0.7:
+            v_c, v_u = model(torch.cat([x, x]).to(model_dtype), torch.cat([t_vec, t_vec]),
+                             torch.cat([y, null])).double().chunk(2)
+            v = v_u + 2.5 * (v_c - v_u)
+        else:
+            v = model(x.to(model_dtype), t_vec, y).double()
+        s = -((1 - t) * v + x) / t
+        x = x + (v - t * s) * dt
+        if i < 4:
+            x = x + math.sqrt(2 * t) * math.sqrt(-dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    out = sra2.sample_sde(model, noise, y, num_steps=5, cfg_scale=2.5, guidance_interval=(0.0, 0.7),
+                          generator=torch.Generator().manual_seed(7))
+    if model_dtype == torch.float64:
+        assert (out - x).abs().max().item() <= 1e-12
+    else:                                          # the state is float64; only the output is rounded
+        assert torch.equal(out, x.to(model_dtype))
+
+
+def test_cfg_scale_below_one_interpolates_and_negative_is_an_error():
+    model = CountingModel(perturbed(tiny_sit()).eval())
+    x, _, y = batch()
+    t_vec = torch.full((3,), 0.5)
+    v_c, v_u = model.model(x, t_vec, y), model.model(x, t_vec, torch.full_like(y, 10))
+    torch.testing.assert_close(sra2.guided_velocity(model, x, 0.5, y, cfg_scale=0.0), v_u)   # unconditional
+    torch.testing.assert_close(sra2.guided_velocity(model, x, 0.5, y, cfg_scale=0.5), (v_u + v_c) / 2)
+    with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+        sra2.sample_sde(model, x, y, num_steps=2, cfg_scale=-1.0)
 
 
 def test_samplers_are_reproducible_with_a_generator():
@@ -667,7 +874,7 @@ def test_bad_settings_raise_clear_errors(build, match):
 def test_align_depth_beyond_model_in_loss_is_an_error():
     model = tiny_sit()
     z, t, y = batch()
-    with pytest.raises(ValueError, match="align_depth 9 is outside the model's 1..4"):
+    with pytest.raises(ValueError, match="align depth 9 is outside the model's blocks 1..4"):
         sra2.training_loss(model, z, y, sra2.make_projector(model), align_depth=9)
 
 
@@ -708,18 +915,24 @@ def test_cuda_bad_labels_raise_value_error_not_device_assert():
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark smoke run (speed is measured by `python sra2.py --bench`, never asserted here)
+# Benchmark smoke run (speed is measured by `python bench.py`, never asserted here)
 # ---------------------------------------------------------------------------------------------
 
 
 def test_benchmark_quick_mode_runs_and_reports_every_row(tmp_path, capsys):
     official = tmp_path / "models.py"                              # stands in for SiT's models.py
-    official.write_text(                                           # the official constructor's signature
-        "import sra2\n"
-        "def SiT(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,\n"
-        "        class_dropout_prob, num_classes, learn_sigma):\n"
-        "    return sra2.SiT(sra2.SiTConfig(**{k: v for k, v in locals().items()}, align_depth=1))\n")
-    rows = sra2.benchmark(torch.device("cpu"), quick=True, official_path=str(official))
+    official.write_text(                                           # the official constructor's signature,
+        "import sra2, torch\n"                                    # and no config: only blocks, patch_size
+        "class SiT(torch.nn.Module):\n"
+        "    def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,\n"
+        "                 mlp_ratio, class_dropout_prob, num_classes, learn_sigma):\n"
+        "        super().__init__()\n"
+        "        self.net = sra2.SiT(sra2.SiTConfig(input_size, patch_size, in_channels, hidden_size, depth,\n"
+        "                            num_heads, mlp_ratio, class_dropout_prob, num_classes, learn_sigma, 1))\n"
+        "        self.blocks, self.patch_size = self.net.blocks, patch_size\n"
+        "    def forward(self, x, t, y):\n"
+        "        return self.net(x, t, y)\n")
+    rows = bench.benchmark(torch.device("cpu"), quick=True, official_path=str(official))
     train = [r for r in rows if "mode" in r]
     assert [(r["mode"], r["sra2"], "official" in r["model"]) for r in train] == [
         ("fp32", False, False), ("fp32", True, False), ("bf16", False, False), ("bf16", True, False),
@@ -731,8 +944,8 @@ def test_benchmark_quick_mode_runs_and_reports_every_row(tmp_path, capsys):
 
 def test_flop_count_of_b2_matches_spec_and_projector_overhead():
     """SPEC: fwd+bwd of SiT-B/2 is about 139 GFLOP per image (3 x 2 x 23.01 G multiply-adds)."""
-    base = sra2._train_flops_per_image(sra2.SiTConfig(**sra2.PRESETS["SiT-B/2"]), sra=False)
-    with_p = sra2._train_flops_per_image(sra2.SiTConfig(**sra2.PRESETS["SiT-B/2"]), sra=True)
+    base = bench.train_flops_per_image(sra2.SiTConfig(**sra2.PRESETS["SiT-B/2"]), sra=False)
+    with_p = bench.train_flops_per_image(sra2.SiTConfig(**sra2.PRESETS["SiT-B/2"]), sra=True)
     assert abs(base / 1e9 - 139) < 0.02 * 139
     # P: 5 layers of width 2D on 256 tokens, 3 x 2 x 256 x (2D^2 + 3 (2D)^2 + 2D x 16) multiply-adds
     D = 768
@@ -745,9 +958,9 @@ def test_cuda_compiled_loss_matches_eager_within_bf16_tolerance():
     projector = sra2.make_projector(model).cuda()
     z, t, y = (a.cuda() for a in batch(n=8))
     eps = torch.randn_like(z)
-    fn = lambda z, y, t, eps: sra2.training_loss(model, z, y, projector, t=t, eps=eps)
-    with sra2.autocast("cuda"):
-        compiled, eager = torch.compile(fn, fullgraph=True)(z, y, t, eps), fn(z, y, t, eps)
+    fn = lambda net: sra2.training_loss(net, z, y, projector, t=t, eps=eps)
+    with sra2.autocast("cuda"):                                    # the model compiled, the tap outside
+        compiled, eager = fn(torch.compile(model, fullgraph=True)), fn(model)
     for key in ("denoise", "align", "loss"):                       # one bf16 ulp (2^-8) of the value
         assert abs(compiled[key].item() - eager[key].item()) < 2 ** -8 * abs(eager[key].item())
 
@@ -1311,11 +1524,13 @@ def test_ablation_prints_table_1(tmp_path, monkeypatch, capsys):
                               "--cache", str(tmp_path / "cache")])
     table = (tmp_path / "out" / "table.txt").read_text()
     assert "Table 1 in miniature" in table
-    for row in ["vanilla SiT", "align depth", "[0, 0.5]", "cosine", "L1", "L2", "0.1", "2 layers"]:
+    for row in ["vanilla SiT", "align depth", "[0, 0.5]", "[0.5, 1]", "cosine", "L1", "L2", "0.1", "2 layers"]:
         assert row in table, row
-    assert len(records) == 10                                          # the default SRA 2 run is shared
-    assert {r["settings"] for r in records.values()} >= {"vanilla", "block 3, smooth_l1, lambda 1, t in [0, 1], 5-layer MLP",
-                                                          "block 2, cosine, lambda 1, t in [0, 1], 5-layer MLP"}
+    assert len(records) == 11                                          # the default SRA 2 run is shared
+    assert {r["settings"] for r in records.values()} >= {
+        "vanilla", "block 3, smooth_l1, lambda 1, t in [0, 1], 5-layer MLP of width 2D",
+        "block 2, cosine, lambda 1, t in [0, 1], 5-layer MLP of width 2D",
+        "block 2, smooth_l1, lambda 1, t in [0.5, 1], 5-layer MLP of width 2D"}
     assert all(len(r["evals"]) == 1 for r in records.values())         # FID at the end only
 
 
@@ -1333,9 +1548,9 @@ def test_two_seeds_give_a_mean_row_and_speedup(tmp_path, monkeypatch):
 def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     """Baseline and SRA 2 differ only by the projector: same SiT init, same batches, same t, eps and
     label dropout. With lambda = 0 the alignment cannot move the SiT, so both end identical."""
-    s = tiny_demo.parse_args([*TINY, "--evals", "1", "--ckpt-minutes", "0"])
+    s = tiny_demo.parse_args([*TINY, "--evals", "1", "--heldout-evals", "0", "--ckpt-minutes", "0"])
     tiny_demo.check(s)
-    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16))
+    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16), heldout=None)
     labels = torch.randint(0, 10, (32,))
     ema_weights = []                                                   # EMA state at each evaluation
     monkeypatch.setattr(tiny_demo, "generate", lambda ema, stage, n, *a, **k: (
@@ -1349,7 +1564,7 @@ def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
 
 
 def test_nonfinite_loss_stops_with_the_step(tmp_path, monkeypatch):
-    s = tiny_demo.parse_args(TINY)
+    s = tiny_demo.parse_args([*TINY, "--heldout-evals", "0"])
     tiny_demo.check(s)
     real_loss, calls = sra2.training_loss, []
 
@@ -1359,7 +1574,7 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, monkeypatch):
         return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) >= 4 else parts
     monkeypatch.setattr(sra2, "training_loss", poisoned)
     monkeypatch.setattr(tiny_demo, "generate", lambda model, stage, n, *a, **k: torch.zeros(n, 32, 32, 3, dtype=torch.uint8))
-    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16))
+    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16), heldout=None)
     with pytest.raises(tiny_demo.DemoError, match="loss is nan at step 4"):
         tiny_demo.train_run(tiny_demo.make_run(s, "baseline", "b", False), stage, torch.randint(0, 10, (32,)),
                             s, torch.device("cpu"), lambda images: 1.0, tmp_path)
@@ -1473,7 +1688,7 @@ def test_cpu_preset_settings():
     s = tiny_demo.parse_args(["--preset", "cpu"])
     tiny_demo.check(s)
     assert (s.model, s.steps, s.batch_size, s.seeds, s.threads, s.heldout_n, s.heldout_evals, s.evals) == \
-        ("small", 1000, 64, [0, 1], 2, 1000, 10, 3)
+        ("small", 1200, 64, [0, 1], 2, 1000, 8, 3)
     assert tiny_demo.model_config(s)[2].depth == 8 and tiny_demo.parse_args(["--preset", "cpu", "--steps", "7"]).steps == 7
 
 
@@ -1637,10 +1852,26 @@ def test_align_depth_beyond_model_depth(tmp_path, capsys):
     assert "choose 1..12" in line
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--fid-n", "--evals"])
+@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--fid-n", "--log-every"])
 def test_zero_counts(tmp_path, capsys, flag):
     line = error_line(capsys, [*TINY, flag, "0", "--out", str(tmp_path / "o")])
     assert flag in line and "got 0" in line
+
+
+def test_without_fid_no_inception_is_loaded_and_the_heldout_loss_is_recorded(tmp_path, monkeypatch):
+    """--evals 0 --final-fid-n 0 (the study's runs): no FID anywhere, the held-out loss at each of
+    its checkpoints for each run, and the table says what it has."""
+    def no_fid(*args):
+        raise AssertionError("FIDMeter built although no FID was asked for")
+    monkeypatch.setattr(tiny_demo, "FIDMeter", no_fid)
+    records = tiny_demo.main([*TINY, "--evals", "0", "--final-fid-n", "0", "--heldout-evals", "2",
+                              "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    for r in records.values():
+        assert [e["step"] for e in r["heldout"]] == [5, 10] and r["evals"] == [] and r["final_fid"] is None
+        assert all(math.isfinite(e[k]) for e in r["heldout"] for k in ("loss", "low", "middle", "high"))
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "held-out loss" in table and "SRA 2 - baseline" in table and "floor" not in table
+    assert (tmp_path / "out" / "heldout_loss.png").is_file()
 
 
 def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
@@ -1994,7 +2225,8 @@ def test_inception_weights_missing_or_not_inception(tmp_path, capsys):
 def test_cached_cifar_archive_with_wrong_md5(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(b"half a download")
-    line = error_line(capsys, ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--steps", "1", "--evals", "1"])
+    line = error_line(capsys, ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--steps", "1", "--evals", "1",
+                               "--heldout-evals", "1"])
     assert "MD5 mismatch (corrupt file); delete it to download again" in line
     assert (tmp_path / "c" / "cifar-10-python.tar.gz").read_bytes() == b"half a download"
 

@@ -54,7 +54,7 @@ H100 at an assumed 120 TFLOP/s bf16 (3.4 min at 180, 5.4 min at 100), from FLOPs
 PFLOP; plus ~50 s of Inception (37,000 images x 11.4 GFLOP in fp32), Frechet distances, start-up,
 optimizer/EMA overhead and checkpoints. The first run adds the download, stage 1 (3,000 VAE steps
 x 256 x 3.4 GFLOP, about a minute) and the reference statistics (50,000 Inception passes, ~20 s).
-Measure before a long run: `python sra2.py --bench` times training steps; a demo run with
+Measure before a long run: `python bench.py` times training steps; a demo run with
 `--steps 100 --evals 1` shows this model's rate in its progress line.
 
 Choices (and why)
@@ -155,10 +155,10 @@ DEFAULTS = {
                  fid_sampling_steps=50, final_fid_n=5000, final_sampling_steps=250,
                  fid_ref_n=50000, sample_batch=1000, log_every=50, heldout_n=2000, heldout_evals=10,
                  seed="0", threads=None),
-    "cpu": dict(model="small", steps=1000, batch_size=64, lr=3e-4, n_images=10000,
+    "cpu": dict(model="small", steps=1200, batch_size=64, lr=3e-4, n_images=10000,
                 vae_width=32, vae_steps=400, vae_batch=64, evals=3, fid_n=250,
                 fid_sampling_steps=25, final_fid_n=0, final_sampling_steps=50,
-                fid_ref_n=1000, sample_batch=250, log_every=25, heldout_n=1000, heldout_evals=10,
+                fid_ref_n=1000, sample_batch=250, log_every=25, heldout_n=1000, heldout_evals=8,
                 seed="0,1", threads=2),
     "quick": dict(model="tiny", steps=60, batch_size=32, lr=1e-3, n_images=1024,
                   vae_width=16, vae_steps=80, vae_batch=32, evals=5, fid_n=8,
@@ -579,7 +579,7 @@ HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)
 
 
 @torch.no_grad()
-def heldout_loss(model, held, batch=400):
+def heldout_loss(model, held, batch=100):
     """The training objective's denoising term on the held-out set: |v_theta(x_t, t, y) - v|^2 with
     v = eps - z, averaged over C, H, W and the images; overall and per band of t (low t: little
     noise). Labels always given (no dropout: eval mode), float32, no autocast: deterministic."""
@@ -1194,7 +1194,8 @@ def ablation_runs(s, depth):
     rows = [("", "vanilla SiT", make_run(s, "vanilla", "vanilla SiT", False))]
     default = make_run(s, "sra2", "SRA 2 (default)", True)
     groups = [("align depth", [(f"{d0}", {})] + [(f"{d}", dict(align_depth=d)) for d in deeper]),
-              ("time range", [("[0, 1]", {}), ("[0, 0.5]", dict(t_range=(0.0, 0.5)))]),
+              ("time range", [("[0, 1]", {}), ("[0, 0.5]", dict(t_range=(0.0, 0.5))),
+                              ("[0.5, 1]", dict(t_range=(0.5, 1.0)))]),
               ("align loss", [("smooth-L1", {}), ("cosine", dict(align_loss="cosine")),
                               ("L1", dict(align_loss="l1")), ("L2", dict(align_loss="l2"))]),
               ("lambda", [("1.0", {}), ("0.1", dict(lam=0.1))]),

@@ -68,6 +68,69 @@ def run(jobs, lanes, data, work):
             print(line, flush=True)
 
 
+def record(job, work):
+    """The small record of one finished job: settings, command, commit, machine, every checkpoint."""
+    res = json.loads((Path(work) / job / "results.json").read_text())
+    run, s = res["runs"][0], res["settings"]
+    keep = ("model", "steps", "batch_size", "lr", "grad_clip", "clip", "align_depth", "lam", "mlp_depth",
+            "mlp_width", "target_scale", "seed", "n_images", "heldout_n", "vae_width", "vae_steps", "threads")
+    command_line = " ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]])
+    return dict(job=job, variant=job.rsplit("-s", 1)[0], run=run["name"], seed=run["seed"],
+                settings={k: s[k] for k in keep}, sra2=run["settings"], command=command_line,
+                commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
+                train_seconds=run["wall"], heldout_seconds=run.get("heldout_seconds", 0.0),
+                steps_above_clip=run.get("clipped", 0), heldout=run["heldout"], fid=run["evals"],
+                final=run["log"][-1])
+
+
+def collect(work):
+    """results/study/<job>.json for every finished job; returns them by job name."""
+    out, records = HERE / "study", {}
+    out.mkdir(exist_ok=True)
+    for job in QUEUE:
+        if (Path(work) / job / "results.json").is_file():
+            records[job] = record(job, work)
+            (out / f"{job}.json").write_text(json.dumps(records[job], indent=1) + "\n")
+    for path in out.glob("*.json"):                                    # collected before, on this machine
+        records.setdefault(path.stem, json.loads(path.read_text()))
+    return records
+
+
+def gap(sra, base, key="loss", at=-1):
+    """SRA 2 against its baseline on the same draws: held-out loss ratio - 1, in percent."""
+    return 100 * (sra["heldout"][at][key] / base["heldout"][at][key] - 1)
+
+
+def table(records):
+    """results/study.md: one row per variant (mean over the seeds found), then one per job."""
+    mean = lambda xs: sum(xs) / len(xs)
+    lines = ["# The CPU study", "",
+             "Held-out loss: the denoising term on 1,000 CIFAR-10 test images at a fixed t grid and fixed noise, "
+             "EMA weights, at the last step; each SRA 2 run against the baseline of the same seed and settings "
+             "(same init, batches and noise). Negative: SRA 2 better. Written by `python results/study.py table`.",
+             "", "| variant | seeds | held-out loss gap | low t | middle t | high t | gap at 1/4 of the run | "
+             "time per step | steps above the clip (base / SRA 2) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, (what, _, base_name) in VARIANTS.items():
+        pairs = [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
+                 if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+        if not pairs:
+            continue
+        cell = lambda key, at=-1: f"{mean([gap(a, b, key, at) for a, b in pairs]):+.2f}% (" + \
+            ", ".join(f"{gap(a, b, key, at):+.2f}" for a, b in pairs) + ")"
+        quarter = len(pairs[0][0]["heldout"]) // 4 - 1
+        lines.append(f"| {what} | {', '.join(str(a['seed']) for a, _ in pairs)} | {cell('loss')} | "
+                     f"{cell('low')} | {cell('middle')} | {cell('high')} | {cell('loss', quarter)} | "
+                     f"{mean([100 * (a['train_seconds'] / b['train_seconds'] - 1) for a, b in pairs]):+.1f}% | "
+                     + ", ".join(f"{b['steps_above_clip']} / {a['steps_above_clip']}" for a, b in pairs) + " |")
+    lines += ["", "## Every run", "", "| job | held-out loss at the last step | train time | held-out cost | "
+              "command |", "|---|---|---|---|---|"]
+    for job, r in records.items():
+        lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['train_seconds']:.0f} s | "
+                     f"{100 * r['heldout_seconds'] / r['train_seconds']:.1f}% | `{r['command']}` |")
+    (HERE / "study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("run", "table"))
@@ -78,6 +141,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.what == "run":
         run(a.jobs or QUEUE, a.lanes, a.data, a.work)
+    else:
+        table(collect(a.work))
 
 
 if __name__ == "__main__":

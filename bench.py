@@ -1,0 +1,195 @@
+"""bench.py: how fast sra2's SiT trains and samples, with and without SRA 2, on this machine.
+
+    python bench.py                           # SiT-B/2 batch 256 and SiT-XL/2 batch 64 (a GPU)
+    python bench.py --quick                   # tiny sizes: a smoke run on a CPU
+    python bench.py --official PATH/models.py # also the official SiT code, side by side
+    python bench.py --flops                   # training FLOPs per image, counted, no timing
+
+A training step is forward + backward + fused AdamW on 32x32x4 latents (ImageNet 256 with the
+SD-VAE), in fp32/TF32, bf16 autocast, and bf16 + torch.compile (CUDA). Every row is the median of
+timed steps after warm-up, with the device synchronised around each. TFLOP/s counts the step's
+FLOPs (torch's FlopCounterMode on a meta-device copy) and is set against one large matmul timed
+in the same run, the practical ceiling. The official SiT (`--official`) is timed through the
+same training_loss: SRA 2 reads its blocks with sra2.tap, no change to its code.
+"""
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sra2
+
+
+def timed(fn, device, warmup, iters):
+    """Median seconds per call of fn() after warmup calls, synchronising the device around each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_flops_per_image(config, sra):
+    """Forward + backward FLOPs of one training image of a SiT with this SiTConfig (with SRA 2's
+    default projector if sra), counted on a meta-device copy: no memory, no time, and SDPA runs
+    as plain matmuls there, so attention is counted too."""
+    with torch.device("meta"):
+        model = sra2.SiT(config)
+        projector = sra2.make_projector(model) if sra else None
+        z = torch.randn(1, config.in_channels, config.input_size, config.input_size)
+        y = torch.zeros(1, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            sra2.training_loss(model, z, y, projector)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def load_official(path):
+    """The official SiT models.py as a module (it needs timm, or a stand-in for its 3 classes)."""
+    spec = importlib.util.spec_from_file_location("official_sit_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_train(name, batch, mode, sra, device, overrides, warmup, iters, official=None):
+    """One row: images/s, peak memory and FLOP/s of a full training step (fwd, bwd, AdamW)."""
+    torch.manual_seed(0)
+    cfg = sra2.SiTConfig(**{**sra2.PRESETS[name], **overrides})
+    if official is None:
+        model = sra2.SiT(cfg).to(device)
+    else:                                          # the same math, the official code
+        kwargs = {k: v for k, v in vars(cfg).items() if k not in ("align_depth", "learn_sigma")}
+        model = official.SiT(**kwargs, learn_sigma=False).to(device)
+    projector = sra2.Projector(cfg.hidden_size, cfg.patch_size ** 2 * cfg.in_channels).to(device) if sra else None
+    flops = train_flops_per_image(cfg, sra)
+    params = list(model.parameters()) + (list(projector.parameters()) if sra else [])
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    net = torch.compile(model, fullgraph=True) if mode == "bf16+compile" else model   # the tap stays outside
+    loss = lambda net, z, y, t, eps: sra2.training_loss(net, z, y, projector, align_depth=cfg.align_depth, t=t, eps=eps)
+
+    def step():
+        t, eps = torch.rand(batch, device=device), torch.randn_like(z)   # drawn outside the compiled part
+        with sra2.autocast(device, enabled=mode != "fp32"):
+            total = loss(net, z, y, t, eps)["loss"]
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, device, warmup, iters)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    compile_err = None
+    if net is not model:                                           # compiled vs eager, same inputs
+        t, eps = torch.rand(batch, device=device), torch.randn_like(z)
+        with torch.no_grad():                                      # far from the zero-output init
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        y_null = torch.full_like(y, cfg.num_classes)              # label dropout cannot change these
+        with torch.no_grad(), sra2.autocast(device):
+            a, b = loss(net, z, y_null, t, eps), loss(model, z, y_null, t, eps)
+        compile_err = max(abs(a[k].item() - b[k].item()) / abs(b[k].item()) for k in ("denoise", "align") if b[k])
+    return dict(model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
+                img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak, tflops=flops * batch / seconds / 1e12,
+                compile_err=compile_err)
+
+
+def bench_sampler(name, batch, steps, compiled, device, overrides, iters):
+    model = sra2.create_sit(name, **overrides).to(device).eval()
+    cfg = model.config
+    model = torch.compile(model) if compiled else model
+    noise = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    run = lambda: sra2.sample_sde(model, noise, y, num_steps=steps)
+    with sra2.autocast(device):
+        seconds = timed(run, device, warmup=1, iters=iters)
+    return dict(model=name, batch=batch, steps=steps, compiled=compiled, img_s=batch / seconds, s=seconds)
+
+
+def matmul_ceiling(device, n):
+    """TFLOP/s of one large bf16 (CPU: fp32) matmul: the practical ceiling for this device."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, warmup=3, iters=10) / 1e12
+
+
+def benchmark(device, quick=False, official_path=None):
+    """Training-step and sampler throughput; returns the rows it prints."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True                   # "fp32" means fp32/TF32, as SiT
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        return _benchmark(device, quick, load_official(official_path) if official_path else None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _benchmark(device, quick, official):
+    if quick:                                                      # a 4-block S/2 on 8x8 latents
+        overrides = dict(input_size=8, num_classes=10, depth=4, hidden_size=128, num_heads=2)
+        warmup, iters, cases, modes, sampler = 1, 3, [("SiT-S/2", 8)], ["fp32", "bf16"], ("SiT-S/2", 8, 10)
+    else:                                                          # ImageNet 256: 32x32x4 latents
+        overrides = dict(input_size=32, num_classes=1000)
+        warmup, iters, cases, sampler = 5, 10, [("SiT-B/2", 256), ("SiT-XL/2", 64)], ("SiT-B/2", 256, 250)
+        modes = ["fp32", "bf16"] + (["bf16+compile"] if device.type == "cuda" else [])
+    ceiling = matmul_ceiling(device, 1024 if quick else 8192)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {device} ({card}), torch {torch.__version__}; ceiling: one large "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul, {ceiling:.3g} TFLOP/s", flush=True)
+    if quick:
+        print(f"quick mode: a smoke run, the models are shrunk to {overrides}")
+    print(f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}"
+          f"{'TFLOP/s':>9}{'of ceil':>8}")
+    rows = []
+    for name, batch in cases:
+        variants = [(m, s, None) for m in modes for s in (False, True)] + [(m, False, official) for m in modes if official]
+        for mode, sra, off in variants:
+            r = bench_train(name, batch, mode, sra, device, overrides, warmup, iters, off)
+            rows.append(r)
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+            print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}{r['img_s']:>9.1f}{r['ms']:>9.1f}"
+                  f"{peak:>10}{r['tflops']:>9.3g}{r['tflops'] / ceiling:>8.0%}"
+                  + (f"  compiled vs eager loss: {r['compile_err']:.1e} relative" if r["compile_err"] is not None else ""),
+                  flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    name, batch, steps = sampler
+    for compiled in [False] + ([True] if device.type == "cuda" else []):
+        r = bench_sampler(name, batch, steps, compiled, device, overrides, iters=1 if not quick else 2)
+        rows.append(r)
+        print(f"sampler {name} batch {batch}, {steps}-step Euler-Maruyama, bf16"
+              f"{' + compile' if compiled else ''}: {r['img_s']:.1f} img/s ({r['s']:.2f} s per batch)", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--official", default=None, metavar="MODELS_PY",
+                        help="also time the official SiT models.py (needs timm; never committed here)")
+    parser.add_argument("--flops", action="store_true", help="print training GFLOPs per image and stop")
+    args = parser.parse_args(argv)
+    if args.flops:
+        for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):
+            cfg = sra2.SiTConfig(**sra2.PRESETS[name])
+            base, sra = (train_flops_per_image(cfg, s) / 1e9 for s in (False, True))
+            print(f"{name}: {base:.1f} GFLOP per image per training step, {sra:.1f} with SRA 2 (+{100 * (sra / base - 1):.1f}%)")
+        return
+    benchmark(sra2.pick_device(args.device), quick=args.quick, official_path=args.official)
+
+
+if __name__ == "__main__":
+    main()
