@@ -1014,14 +1014,16 @@ def nice_ticks(lo, hi, count=5):
 
 
 def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
-    """series: list of (label, xs, ys); markers where there are few points. Log y: ticks at 1-2-5."""
-    series = [(lab, list(map(float, xs)), list(map(float, ys))) for lab, xs, ys in series if len(xs)]
+    """series: list of (label, xs, ys) or (label, xs, ys, color index, thin): thin lines (e.g. one
+    seed beside the mean) have no markers, and no legend entry when the label is None. Markers
+    where there are few points. Log y: ticks at 1-2-5."""
+    series = [(lab, list(map(float, xs)), list(map(float, ys)), *rest) for lab, xs, ys, *rest in series if len(xs)]
     W, H = size
     left, right, top, bottom = 80, 200, 50 + (18 if note else 0), 60
     img = Image.new("RGB", size, "white")
     draw, f, small = ImageDraw.Draw(img), font(16), font(12)
-    xs = [x for _, a, _ in series for x in a] or [0, 1]
-    ys = [y for _, _, b in series for y in b if math.isfinite(y) and (y > 0 or not logy)] or [1, 2]
+    xs = [x for _, a, *_ in series for x in a] or [0, 1]
+    ys = [y for _, _, b, *_ in series for y in b if math.isfinite(y) and (y > 0 or not logy)] or [1, 2]
     x0, x1 = min(0.0, min(xs)), max(xs) if max(xs) > min(0.0, min(xs)) else min(xs) + 1
     fy = (lambda v: math.log10(v)) if logy else (lambda v: v)
     y0, y1 = fy(min(ys)), fy(max(ys))
@@ -1049,17 +1051,23 @@ def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=
         put(draw, (x, H - bottom + 6), f"{v:g}", small, "mt", fill="black")
     put(draw, ((left + W - right) / 2, H - 22), xlabel, f, "mm", fill="black")
     draw.text((12, top - 22), ylabel, fill="black", font=small)
-    for i, (label, sx, sy) in enumerate(series):
-        color = COLORS[i % len(COLORS)]
+    legend = 0
+    for i, (label, sx, sy, *style) in enumerate(series):
+        index, thin = (style + [i, False][len(style):])[:2]
+        color = COLORS[index % len(COLORS)]
+        if thin:                                                       # a lighter shade of the same colour
+            color = tuple(round(c + (255 - c) * 0.55) for c in color)
         points = [(px(x), py(y)) for x, y in zip(sx, sy) if math.isfinite(y) and (y > 0 or not logy)]
         if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        if len(points) <= 30:
+            draw.line(points, fill=color, width=1 if thin else 2, joint="curve")
+        if len(points) <= 30 and not thin:
             for x, y in points:
                 draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        ly = top + 10 + 22 * i
-        draw.line([W - right + 12, ly, W - right + 36, ly], fill=color, width=3)
-        put(draw, (W - right + 42, ly), label, small, "lm", fill="black")
+        if label is not None:
+            ly = top + 10 + 22 * legend
+            legend += 1
+            draw.line([W - right + 12, ly, W - right + 36, ly], fill=color, width=3)
+            put(draw, (W - right + 42, ly), label, small, "lm", fill="black")
     img.save(path)
 
 

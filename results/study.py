@@ -27,16 +27,16 @@ SCREEN = ["--preset", "cpu", "--model", "tiny", "--steps", "800", "--evals", "0"
 # name: (what it varies, flags beyond SCREEN, the baseline it is compared with)
 VARIANTS = {
     "base":       ("baseline", ["--runs", "baseline"], None),
-    "sra":        ("SRA 2 as in the paper (block 2, lambda 1, 5-layer MLP of width 2D)", ["--runs", "sra2"], "base"),
-    "clip_sep":   ("clip SiT and P separately", ["--runs", "sra2", "--clip", "separate"], "base"),
+    "sra":        ("paper default (block 2, lambda 1, P 5x2D)", ["--runs", "sra2"], "base"),
+    "clip_sep":   ("clip SiT and P apart", ["--runs", "sra2", "--clip", "separate"], "base"),
     "lam0.1":     ("lambda 0.1", ["--runs", "sra2", "--lam", "0.1"], "base"),
-    "block1":     ("aligned block 1 (of 4)", ["--runs", "sra2", "--align-depth", "1"], "base"),
-    "width_D":    ("projector width D", ["--runs", "sra2", "--mlp-width", "128"], "base"),
+    "block1":     ("block 1 (of 4)", ["--runs", "sra2", "--align-depth", "1"], "base"),
+    "width_D":    ("P width D", ["--runs", "sra2", "--mlp-width", "128"], "base"),
     "noclip_base": ("baseline, no clipping", ["--runs", "baseline", "--clip", "none"], None),
     "noclip":     ("no clipping", ["--runs", "sra2", "--clip", "none"], "noclip_base"),
     "lam0.5":     ("lambda 0.5", ["--runs", "sra2", "--lam", "0.5"], "base"),
-    "depth2":     ("2-layer projector", ["--runs", "sra2", "--mlp-depth", "2"], "base"),
-    "block3":     ("aligned block 3 (of 4)", ["--runs", "sra2", "--align-depth", "3"], "base"),
+    "depth2":     ("P 2 layers", ["--runs", "sra2", "--mlp-depth", "2"], "base"),
+    "block3":     ("block 3 (of 4)", ["--runs", "sra2", "--align-depth", "3"], "base"),
     "scale0.25":  ("target x 0.25", ["--runs", "sra2", "--target-scale", "0.25"], "base"),
     "scale4":     ("target x 4", ["--runs", "sra2", "--target-scale", "4"], "base"),
     "lr1e-3_base": ("baseline, lr 1e-3", ["--runs", "baseline", "--lr", "1e-3"], None),
@@ -45,12 +45,18 @@ VARIANTS = {
 SCREEN_SEEDS = (0, 1)
 # The queue: the most telling variants first, both seeds of each before the next.
 QUEUE = [f"{name}-s{seed}" for name in VARIANTS for seed in SCREEN_SEEDS]
+# The confirmation: the cpu preset (the 8-block 'small' SiT, 1,200 steps, FID-250 at 3
+# checkpoints), baseline and SRA 2 with the setting the screen chose, on seeds that chose nothing.
+CONFIRM_FLAGS = ["--preset", "cpu"]
+CONFIRM_SEEDS = (2, 3)
+CONFIRM = [f"confirm-s{seed}" for seed in CONFIRM_SEEDS]
 
 
 def command(job, data=None, work=None):
     """The tiny_demo.py command line of one job ("<variant>-s<seed>")."""
     name, seed = job.rsplit("-s", 1)
-    flags = [*SCREEN, *VARIANTS[name][1], "--seed", seed, "--threads", "1", "--out", f"{work}/{job}"]
+    flags = [*SCREEN, *VARIANTS[name][1]] if name in VARIANTS else CONFIRM_FLAGS
+    flags = [*flags, "--seed", seed, "--threads", "1", "--out", f"{work}/{job}"]
     return ["python", "tiny_demo.py", *flags] + (["--data", str(data)] if data else []) + \
         (["--cache", f"{work}/cache"] if work else [])
 
@@ -71,7 +77,16 @@ def run(jobs, lanes, data, work):
 def record(job, work):
     """The small record of one finished job: settings, command, commit, machine, every checkpoint."""
     res = json.loads((Path(work) / job / "results.json").read_text())
-    run, s = res["runs"][0], res["settings"]
+    s = res["settings"]
+    if job in CONFIRM:                                             # both runs, and the whole pair's time
+        return dict(job=job, seed=s["seed"], command=" ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]]),
+                    commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
+                    pair_seconds=res["total_seconds"], floor=res["floor"],
+                    runs={r["name"]: dict(settings=r["settings"], train_seconds=r["wall"], heldout=r["heldout"],
+                                          heldout_seconds=r.get("heldout_seconds", 0.0), fid=r["evals"],
+                                          steps_above_clip=r.get("clipped", 0), final=r["log"][-1])
+                          for r in res["runs"]})
+    run = res["runs"][0]
     keep = ("model", "steps", "batch_size", "lr", "grad_clip", "clip", "align_depth", "lam", "mlp_depth",
             "mlp_width", "target_scale", "seed", "n_images", "heldout_n", "vae_width", "vae_steps", "threads")
     command_line = " ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]])
@@ -87,7 +102,7 @@ def collect(work):
     """results/study/<job>.json for every finished job; returns them by job name."""
     out, records = HERE / "study", {}
     out.mkdir(exist_ok=True)
-    for job in QUEUE:
+    for job in QUEUE + CONFIRM:
         if (Path(work) / job / "results.json").is_file():
             records[job] = record(job, work)
             (out / f"{job}.json").write_text(json.dumps(records[job], indent=1) + "\n")
@@ -122,13 +137,71 @@ def table(records):
                      f"{cell('low')} | {cell('middle')} | {cell('high')} | {cell('loss', quarter)} | "
                      f"{mean([100 * (a['train_seconds'] / b['train_seconds'] - 1) for a, b in pairs]):+.1f}% | "
                      + ", ".join(f"{b['steps_above_clip']} / {a['steps_above_clip']}" for a, b in pairs) + " |")
-    lines += ["", "## Every run", "", "| job | held-out loss at the last step | train time | held-out cost | "
+    lines += ["", "Gaps: mean over the seeds, each seed in brackets. *Train time against the baseline's, "
+              "measured while other jobs shared the 2 cores: a rough figure, not a benchmark.",
+              "", "## Every run", "", "| job | held-out loss at the last step | train time | held-out cost | "
               "command |", "|---|---|---|---|---|"]
     for job, r in records.items():
         lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['train_seconds']:.0f} s | "
                      f"{100 * r['heldout_seconds'] / r['train_seconds']:.1f}% | `{r['command']}` |")
+    lines += confirm_lines({k: r for k, r in records.items() if k in CONFIRM})
     (HERE / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    charts(records)
+
+
+def confirm_lines(confirm):
+    """The confirmation: per seed, held-out loss and FID of both runs at each checkpoint."""
+    if not confirm:
+        return []
+    lines = ["", "## Confirmation on seeds that chose nothing", "",
+             f"`{next(iter(confirm.values()))['command']}` (the seed changed); SRA 2: "
+             f"{next(iter(confirm.values()))['runs']['sra2']['settings']}.", "",
+             "| seed | step | held-out loss, baseline | SRA 2 | gap | FID-250, baseline | SRA 2 |", "|---|---|---|---|---|---|---|"]
+    for r in confirm.values():
+        base, sra = r["runs"]["baseline"], r["runs"]["sra2"]
+        fid = {e["step"]: (e["fid"], a["fid"]) for e, a in zip(base["fid"], sra["fid"])}
+        for b, a in zip(base["heldout"], sra["heldout"]):
+            f = fid.get(b["step"])
+            lines.append(f"| {r['seed']} | {b['step']} | {b['loss']:.4f} | {a['loss']:.4f} | "
+                         f"{100 * (a['loss'] / b['loss'] - 1):+.2f}% | " + (f"{f[0]:.1f} | {f[1]:.1f} |" if f else "| |"))
+    lines += ["", "Wall time of one baseline + SRA 2 pair (warm stage-1 cache, FID reference included): " +
+              ", ".join(f"seed {r['seed']}: {r['pair_seconds'] / 60:.1f} min" for r in confirm.values()) +
+              f" on {next(iter(confirm.values()))['card']}, one thread each, two pairs side by side."]
+    return lines
+
+
+def charts(records):
+    """results/study_gap.png: each variant's held-out gap against its baseline, mean of the screen
+    seeds; results/confirm_*.png: both runs of the confirmation, mean (thick) and each seed (thin)."""
+    import tiny_demo
+    series = []
+    for i, (name, (what, _, base_name)) in enumerate(VARIANTS.items()):
+        pairs = [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
+                 if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+        if pairs:
+            steps = [e["step"] for e in pairs[0][0]["heldout"]]
+            gaps = [sum(gap(a, b, "loss", j) for a, b in pairs) / len(pairs) for j in range(len(steps))]
+            series.append((what.split(' (')[0], steps, gaps, i))
+    if series:
+        series.append((None, [0, series[0][1][-1]], [0, 0], 7, True))
+        tiny_demo.line_chart(HERE / "study_gap.png", series, "SRA 2 against its baseline: held-out loss gap "
+                             "(%, below 0: SRA 2 better), mean of seeds 0, 1", "training steps", "gap (%)")
+    confirm = [r for k, r in records.items() if k in CONFIRM]
+    for key, metric, label in (("heldout", "loss", "held-out loss"), ("fid", "fid", "FID-250 (25-step SDE)")):
+        series = []
+        for i, name in enumerate(("baseline", "sra2")):
+            curves = [[e[metric] for e in r["runs"][name][key]] for r in confirm]
+            if not curves:
+                continue
+            steps = [e["step"] for e in confirm[0]["runs"][name][key]]
+            series.append((("baseline" if name == "baseline" else "SRA 2") + f", mean of seeds "
+                           + ", ".join(str(r["seed"]) for r in confirm), steps,
+                           [sum(c) / len(c) for c in zip(*curves)], i))
+            series += [(None, steps, c, i, True) for c in curves]
+        if series:
+            tiny_demo.line_chart(HERE / f"confirm_{key}.png", series, f"{label} of the cpu preset "
+                                 "(2 CPU cores)", "training steps", label, logy=True)
 
 
 def main(argv=None):
