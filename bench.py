@@ -69,17 +69,20 @@ def bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offici
     else:                                          # the same math, the official code
         kwargs = {k: v for k, v in vars(cfg).items() if k not in ("align_depth", "learn_sigma")}
         model = official.SiT(**kwargs, learn_sigma=False).to(device)
-    projector = sra2.Projector(cfg.hidden_size, cfg.patch_size ** 2 * cfg.in_channels).to(device) if sra else None
+    out_dim = cfg.patch_size ** 2 * cfg.in_channels
+    projector = sra2.Projector(cfg.hidden_size, out_dim).to(device) if sra else None
     flops = train_flops_per_image(cfg, sra)
     params = list(model.parameters()) + (list(projector.parameters()) if sra else [])
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    net = torch.compile(model, fullgraph=True) if mode == "bf16+compile" else model   # the tap stays outside
-    loss = lambda net, z, y, t, eps: sra2.training_loss(net, z, y, projector, align_depth=cfg.align_depth, t=t, eps=eps)
+    net = torch.compile(model, fullgraph=True) if mode == "bf16+compile" else model   # tap outside
+    loss = lambda net, z, y, t, eps: sra2.training_loss(net, z, y, projector, t=t, eps=eps,
+                                                        align_depth=cfg.align_depth)
 
     def step():
-        t, eps = torch.rand(batch, device=device), torch.randn_like(z)   # drawn outside the compiled part
+        t, eps = torch.rand(batch, device=device), torch.randn_like(z)   # outside the compiled part
         with sra2.autocast(device, enabled=mode != "fp32"):
             total = loss(net, z, y, t, eps)["loss"]
         total.backward()
@@ -97,13 +100,14 @@ def bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offici
         with torch.no_grad():                                      # far from the zero-output init
             for p in model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-        y_null = torch.full_like(y, cfg.num_classes)              # label dropout cannot change these
+        y_null = torch.full_like(y, cfg.num_classes)              # label dropout changes nothing
         with torch.no_grad(), sra2.autocast(device):
             a, b = loss(net, z, y_null, t, eps), loss(model, z, y_null, t, eps)
-        compile_err = max(abs(a[k].item() - b[k].item()) / abs(b[k].item()) for k in ("denoise", "align") if b[k])
+        compile_err = max(abs(a[k].item() - b[k].item()) / abs(b[k].item())
+                          for k in ("denoise", "align") if b[k])
     return dict(model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
-                img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak, tflops=flops * batch / seconds / 1e12,
-                compile_err=compile_err)
+                img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak, compile_err=compile_err,
+                tflops=flops * batch / seconds / 1e12)
 
 
 def bench_sampler(name, batch, steps, compiled, device, overrides, iters):
@@ -115,13 +119,14 @@ def bench_sampler(name, batch, steps, compiled, device, overrides, iters):
     run = lambda: sra2.sample_sde(model, noise, y, num_steps=steps)
     with sra2.autocast(device):
         seconds = timed(run, device, warmup=1, iters=iters)
-    return dict(model=name, batch=batch, steps=steps, compiled=compiled, img_s=batch / seconds, s=seconds)
+    return dict(model=name, batch=batch, steps=steps, compiled=compiled, img_s=batch / seconds,
+                s=seconds)
 
 
 def matmul_ceiling(device, n):
     """TFLOP/s of one large bf16 (CPU: fp32) matmul: the practical ceiling for this device."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / timed(lambda: a @ b, device, warmup=3, iters=10) / 1e12
 
 
@@ -139,54 +144,64 @@ def benchmark(device, quick=False, official_path=None):
 def _benchmark(device, quick, official):
     if quick:                                                      # a 4-block S/2 on 8x8 latents
         overrides = dict(input_size=8, num_classes=10, depth=4, hidden_size=128, num_heads=2)
-        warmup, iters, cases, modes, sampler = 1, 3, [("SiT-S/2", 8)], ["fp32", "bf16"], ("SiT-S/2", 8, 10)
+        warmup, iters, cases, sampler = 1, 3, [("SiT-S/2", 8)], ("SiT-S/2", 8, 10)
+        modes = ["fp32", "bf16"]
     else:                                                          # ImageNet 256: 32x32x4 latents
         overrides = dict(input_size=32, num_classes=1000)
-        warmup, iters, cases, sampler = 5, 10, [("SiT-B/2", 256), ("SiT-XL/2", 64)], ("SiT-B/2", 256, 250)
+        warmup, iters, sampler = 5, 10, ("SiT-B/2", 256, 250)
+        cases = [("SiT-B/2", 256), ("SiT-XL/2", 64)]
         modes = ["fp32", "bf16"] + (["bf16+compile"] if device.type == "cuda" else [])
     ceiling = matmul_ceiling(device, 1024 if quick else 8192)
-    card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {device} ({card}), torch {torch.__version__}; ceiling: one large "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul, {ceiling:.3g} TFLOP/s", flush=True)
+    threads = f"cpu, {torch.get_num_threads()} threads"
+    card = torch.cuda.get_device_name() if device.type == "cuda" else threads
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    print(f"device {device} ({card}), torch {torch.__version__}; ceiling: one large {precision} "
+          f"matmul, {ceiling:.3g} TFLOP/s", flush=True)
     if quick:
         print(f"quick mode: a smoke run, the models are shrunk to {overrides}")
-    print(f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}{'peak GiB':>10}"
-          f"{'TFLOP/s':>9}{'of ceil':>8}")
+    print(f"{'model':<20}{'batch':>6}  {'mode':<13}{'SRA 2':<7}{'img/s':>9}{'ms/step':>9}"
+          f"{'peak GiB':>10}{'TFLOP/s':>9}{'of ceil':>8}")
     rows = []
     for name, batch in cases:
-        variants = [(m, s, None) for m in modes for s in (False, True)] + [(m, False, official) for m in modes if official]
+        variants = [(m, s, None) for m in modes for s in (False, True)]
+        variants += [(m, False, official) for m in modes if official]
         for mode, sra, off in variants:
             r = bench_train(name, batch, mode, sra, device, overrides, warmup, iters, off)
             rows.append(r)
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}{r['img_s']:>9.1f}{r['ms']:>9.1f}"
-                  f"{peak:>10}{r['tflops']:>9.3g}{r['tflops'] / ceiling:>8.0%}"
-                  + (f"  compiled vs eager loss: {r['compile_err']:.1e} relative" if r["compile_err"] is not None else ""),
+            err = r["compile_err"]
+            print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}"
+                  f"{r['img_s']:>9.1f}{r['ms']:>9.1f}{peak:>10}{r['tflops']:>9.3g}"
+                  f"{r['tflops'] / ceiling:>8.0%}"
+                  + (f"  compiled vs eager loss: {err:.1e} relative" if err is not None else ""),
                   flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     name, batch, steps = sampler
     for compiled in [False] + ([True] if device.type == "cuda" else []):
-        r = bench_sampler(name, batch, steps, compiled, device, overrides, iters=1 if not quick else 2)
+        r = bench_sampler(name, batch, steps, compiled, device, overrides, iters=2 if quick else 1)
         rows.append(r)
         print(f"sampler {name} batch {batch}, {steps}-step Euler-Maruyama, bf16"
-              f"{' + compile' if compiled else ''}: {r['img_s']:.1f} img/s ({r['s']:.2f} s per batch)", flush=True)
+              f"{' + compile' if compiled else ''}: {r['img_s']:.1f} img/s "
+              f"({r['s']:.2f} s per batch)",
+              flush=True)
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one)")
     parser.add_argument("--official", default=None, metavar="MODELS_PY",
-                        help="also time the official SiT models.py (needs timm; never committed here)")
-    parser.add_argument("--flops", action="store_true", help="print training GFLOPs per image and stop")
+                        help="also time the official SiT models.py (needs timm; not committed)")
+    parser.add_argument("--flops", action="store_true", help="training GFLOP per image, no timing")
     args = parser.parse_args(argv)
     if args.flops:
         for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):
             cfg = sra2.SiTConfig(**sra2.PRESETS[name])
             base, sra = (train_flops_per_image(cfg, s) / 1e9 for s in (False, True))
-            print(f"{name}: {base:.1f} GFLOP per image per training step, {sra:.1f} with SRA 2 (+{100 * (sra / base - 1):.1f}%)")
+            print(f"{name}: {base:.1f} GFLOP per image per training step, {sra:.1f} with SRA 2 "
+                  f"(+{100 * (sra / base - 1):.1f}%)")
         return
     benchmark(sra2.pick_device(args.device), quick=args.quick, official_path=args.official)
 

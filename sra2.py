@@ -240,7 +240,8 @@ def unpatchify(tokens, p, H, W):
     """(N, T, p*p*C) -> (N, C, H, W), the layout of SiT's final layer."""
     N, T, _ = tokens.shape
     x = tokens.reshape(N, H // p, W // p, p, p, -1)                # (N, h, w, p, q, C)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(N, -1, H, W)        # (N, C, h, p, w, q) -> (N, C, H, W)
+    x = x.permute(0, 5, 1, 3, 2, 4)                                 # (N, C, h, p, w, q)
+    return x.reshape(N, -1, H, W)                                   # (N, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,14 +250,15 @@ def unpatchify(tokens, p, H, W):
 
 
 class SiT(nn.Module):
-    """SiT with the official parameter names: released SiT and REPA checkpoints load with strict=True.
+    """SiT with the official parameter names: SiT and REPA checkpoints load with strict=True.
     model(x_t, t, y) -> velocity v (N, C, H, W); t = 0 data, t = 1 noise."""
 
     def __init__(self, config: SiTConfig):
         super().__init__()
         cfg = self.config = config
         if cfg.input_size % cfg.patch_size:
-            raise ValueError(f"input_size {cfg.input_size} is not divisible by patch {cfg.patch_size}")
+            raise ValueError(f"input_size {cfg.input_size} is not divisible by patch "
+                             f"{cfg.patch_size}")
         if cfg.hidden_size % cfg.num_heads or cfg.hidden_size % 4:
             raise ValueError(f"hidden_size {cfg.hidden_size} must divide by num_heads and by 4")
         if not 1 <= cfg.align_depth <= cfg.depth:
@@ -268,18 +270,20 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
         # Frozen, but a Parameter (not a buffer) so that the checkpoint keys match SiT's.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, D), requires_grad=False)
-        self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio)
+                                    for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self):
-        """The official initialisation. The zeroed adaLN and final layers make the output exactly 0."""
+        """The official initialisation. Zeroed adaLN and final layers: the output is exactly 0."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        self.pos_embed.copy_(sincos_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size))
+        cfg = self.config
+        self.pos_embed.copy_(sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size))
         w = self.x_embedder.proj.weight                            # init the conv like a Linear
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))            # on its (D, C*p*p) view
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -301,7 +305,7 @@ class SiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)                                        # (N, T, D)
         v = unpatchify(self.final_layer(x, c), self.config.patch_size, *x_t.shape[2:])
-        return v[:, :self.config.in_channels]                      # learn_sigma: drop the unused half
+        return v[:, :self.config.in_channels]                      # learn_sigma: drop the unused C
 
     def check_inputs(self, x_t, t, y):
         """Clear errors instead of a wrong answer or an opaque shape error deep inside.
@@ -313,13 +317,15 @@ class SiT(nn.Module):
         if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
             raise ValueError(f"x_t must be (N, {cfg.in_channels}, H, W), got {tuple(x_t.shape)}")
         if x_t.shape[2] % cfg.patch_size or x_t.shape[3] % cfg.patch_size:
-            raise ValueError(f"x_t size {tuple(x_t.shape[2:])} is not divisible by patch {cfg.patch_size}")
+            raise ValueError(f"x_t size {tuple(x_t.shape[2:])} is not divisible by patch "
+                             f"{cfg.patch_size}")
         if tuple(x_t.shape[2:]) != (cfg.input_size, cfg.input_size):
             raise ValueError(f"x_t is {tuple(x_t.shape[2:])}, the model was built for "
                              f"input_size {cfg.input_size} (its position table is fixed)")
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         if t.shape != (x_t.shape[0],) or y.shape != (x_t.shape[0],):
-            raise ValueError(f"t and y must be (N,) = ({x_t.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+            raise ValueError(f"t and y must be (N,) = ({x_t.shape[0]},), got {tuple(t.shape)} "
+                             f"and {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels y must be integers, got {y.dtype}")
         if torch.compiler.is_compiling() or x_t.is_meta:           # meta: shapes only, no values
@@ -328,8 +334,9 @@ class SiT(nn.Module):
                            ~torch.isfinite(t).all() | (t < 0).any() | (t > 1).any(),
                            ~torch.isfinite(x_t).all()]).tolist()     # one host sync for all three
         if bad[0]:
-            raise ValueError(f"labels must be in [0, {n_labels - 1}] ({cfg.num_classes} = null label"
-                             f"{'' if n_labels > cfg.num_classes else ', absent: class_dropout_prob is 0'})")
+            absent = "" if n_labels > cfg.num_classes else ", absent: class_dropout_prob is 0"
+            raise ValueError(f"labels must be in [0, {n_labels - 1}] "
+                             f"({cfg.num_classes} = null label{absent})")
         if bad[1]:
             raise ValueError("t must be finite and in [0, 1] (t = 0 data, t = 1 noise)")
         if bad[2]:
@@ -354,7 +361,7 @@ def load_sit_checkpoint(model, checkpoint):
     """Load a SiT or REPA checkpoint (path or dict) into `model` with strict=True.
     Picks "ema", then "model" if the file holds several state dicts; REPA's `projectors.*` keys
     are returned, not loaded (P is dropped at inference). Time direction: see SiTTimeFlip."""
-    if not isinstance(checkpoint, dict):                           # REPA's files hold its argparse args
+    if not isinstance(checkpoint, dict):                           # REPA's files hold argparse args
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = checkpoint.get("ema", checkpoint.get("model", checkpoint))
@@ -396,8 +403,8 @@ def tap(model, depths):
         if not 1 <= k <= len(blocks):
             raise ValueError(f"align depth {k} is outside the model's blocks 1..{len(blocks)}")
     hidden = {}
-    handles = [blocks[k - 1].register_forward_hook(lambda module, args, out, k=k: hidden.__setitem__(k, out))
-               for k in sorted(set(depths))]
+    keep = lambda k: (lambda module, args, out: hidden.__setitem__(k, out))   # h_k (N, T, D)
+    handles = [blocks[k - 1].register_forward_hook(keep(k)) for k in sorted(set(depths))]
     try:
         yield hidden
     finally:
@@ -458,7 +465,7 @@ PATHS = ("linear", "cosine")
 
 
 def path_coefficients(t, path="linear"):
-    """x_t = alpha_t * z + sigma_t * eps (t = 0 data). Returns alpha_t, sigma_t, d alpha/dt, d sigma/dt."""
+    """x_t = alpha_t z + sigma_t eps (t = 0 data). Returns alpha, sigma, d alpha/dt, d sigma/dt."""
     if path == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if path == "cosine":                                           # the GVP path of SiT
@@ -468,15 +475,18 @@ def path_coefficients(t, path="linear"):
 
 
 def interpolate(z, eps, t, path="linear"):
-    """t = 0 data. Returns x_t and the velocity target v = d x_t / dt (linear: x_t = (1-t) z + t eps, v = eps - z)."""
-    alpha, sigma, d_alpha, d_sigma = (c.reshape(-1, *[1] * (z.ndim - 1)) for c in path_coefficients(t, path))
+    """t = 0 data. Returns x_t and the velocity target v = d x_t / dt
+    (linear: x_t = (1 - t) z + t eps, v = eps - z)."""
+    alpha, sigma, d_alpha, d_sigma = (c.reshape(-1, *[1] * (z.ndim - 1))
+                                      for c in path_coefficients(t, path))
     return alpha * z + sigma * eps, d_alpha * z + d_sigma * eps
 
 
 def score_from_velocity(v, x_t, t, path="linear"):
     """s = grad log p_t(x_t) = -eps_hat / sigma_t, with eps_hat solved from x_t and v.
     Linear path (t = 0 data): s = -((1 - t) v + x_t) / t."""
-    alpha, sigma, d_alpha, d_sigma = (c.reshape(-1, *[1] * (x_t.ndim - 1)) for c in path_coefficients(t, path))
+    alpha, sigma, d_alpha, d_sigma = (c.reshape(-1, *[1] * (x_t.ndim - 1))
+                                      for c in path_coefficients(t, path))
     eps_hat = (alpha * v - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
     return -eps_hat / sigma
 
@@ -489,8 +499,9 @@ def alignment_loss(f_sit, f_vae, kind="smooth_l1", beta=0.05):
     smooth-L1 per element: 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta, d = f_sit - f_vae;
     averaged over T and d. cosine: 1 - cos(f_sit, f_vae) per token, averaged over T."""
     if f_sit.shape != f_vae.shape:
-        raise ValueError(f"projector output {tuple(f_sit.shape)} and target {tuple(f_vae.shape)} differ")
-    dtype = torch.promote_types(f_sit.dtype, torch.float32)        # float32 at least, under autocast
+        raise ValueError(f"projector output {tuple(f_sit.shape)} and target "
+                         f"{tuple(f_vae.shape)} differ")
+    dtype = torch.promote_types(f_sit.dtype, torch.float32)        # float32 at least (autocast)
     f_sit, f_vae = f_sit.to(dtype), f_vae.to(dtype)
     if kind == "smooth_l1":
         per_element = F.smooth_l1_loss(f_sit, f_vae, beta=beta, reduction="none")
@@ -524,15 +535,17 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
     if projector is not None:
         depth = align_depth or getattr(getattr(inner, "config", None), "align_depth", None)
         if depth is None:
-            raise ValueError(f"align_depth is needed: {type(inner).__name__} has no config.align_depth")
-        alignments = [Alignment("align", depth, projector, target, align_loss, lam, t_range), *alignments]
+            raise ValueError(f"align_depth is needed: {type(inner).__name__} has no "
+                             "config.align_depth")
+        sra = Alignment("align", depth, projector, target, align_loss, lam, t_range)
+        alignments = [sra, *alignments]
     names = [a.name for a in alignments]
     if len(set(names)) < len(names) or {"loss", "denoise"} & set(names):
-        raise ValueError(f"alignment names must be distinct and not 'loss' or 'denoise', got {names}")
+        raise ValueError(f"alignment names must be distinct, not 'loss' or 'denoise': {names}")
     t_dtype = torch.promote_types(z.dtype, torch.float32)          # never bf16 times
     t = torch.rand(z.shape[0], device=z.device, dtype=t_dtype) if t is None else t
     eps = torch.randn_like(z) if eps is None else eps
-    x_t, v_target = interpolate(z, eps, t, path)                   # x_t = (1-t) z + t eps, v = eps - z
+    x_t, v_target = interpolate(z, eps, t, path)                   # (1-t) z + t eps, eps - z
     drop = {} if drop_labels is None else dict(drop_labels=drop_labels)
     with tap(model, [a.depth for a in alignments]) as hidden:      # h (N, T, D) after each block k
         v = model(x_t, t, y, **drop)
@@ -540,8 +553,8 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
     parts = {"loss": denoise, "denoise": denoise, "align": denoise.new_zeros(())}
     for a in alignments:
         f_sit = a.projector(hidden[a.depth])                       # P(h) (N, T, d)
-        f_target = patchify(z, _patch_size(inner)) if a.target is None else a.target   # f_VAE: (p, q, c)
-        per_sample = alignment_loss(f_sit, f_target, a.loss)       # (N,)
+        f_vae = patchify(z, _patch_size(inner)) if a.target is None else a.target   # (N, T, d)
+        per_sample = alignment_loss(f_sit, f_vae, a.loss)          # (N,)
         in_range = ((t >= a.t_range[0]) & (t <= a.t_range[1])).float()
         parts[a.name] = (per_sample * in_range).sum() / in_range.sum().clamp(min=1)
         parts["loss"] = parts["loss"] + a.weight * parts[a.name]
@@ -550,7 +563,8 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
 
 def _patch_size(model):
     """p of sra2's SiT (config.patch_size) or of DiT/SiT/REPA's code (patch_size, int or pair)."""
-    p = getattr(getattr(model, "config", None), "patch_size", None) or getattr(model, "patch_size", None)
+    p = getattr(getattr(model, "config", None), "patch_size", None)
+    p = p or getattr(model, "patch_size", None)
     if p is None:
         raise ValueError(f"{type(model).__name__}: no patch_size found; pass the target as tokens")
     return p if isinstance(p, int) else p[0]
@@ -573,20 +587,21 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, dtype=None, null_label=None):
     if cfg_scale == 1.0:
         return model(x.to(dtype), t_vec, y).to(x.dtype)
     null_label = _inner(model).config.num_classes if null_label is None else null_label
+    # One doubled batch: (2N, C, H, W) -> v_cond, v_uncond (N, C, H, W) each.
     v_cond, v_uncond = model(torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]),
-                             torch.cat([y, torch.full_like(y, null_label)])).to(x.dtype).chunk(2)  # 2N -> N, N
+                             torch.cat([y, torch.full_like(y, null_label)])).to(x.dtype).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 def guidance_scale(t, cfg_scale, guidance_interval):
-    """CFG only for t in [low, high] (REPA: high = 0.7, so the noisiest 30% of steps run unguided)."""
+    """CFG only for t in [low, high] (REPA: high = 0.7: the noisiest 30% of steps unguided)."""
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     return cfg_scale if guidance_interval[0] <= t <= guidance_interval[1] else 1.0
 
 
 def state_dtype(device):
-    """Sampler state precision: float64 (the papers' samplers), float32 on MPS, which has no float64."""
+    """Sampler state: float64 (the papers' samplers), float32 on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -613,9 +628,9 @@ def sample_sde(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_interval=
         sigma_t = path_coefficients(t_vec[:1], path)[1].item()      # t in float64, not rounded
         # Why v - sigma_t s: by Fokker-Planck, run from t = 1 to 0, dx = (v - sigma_t s) dt +
         # sqrt(2 sigma_t) dW has the marginals p_t of the ODE dx = v dt for any sigma_t >= 0.
-        drift = v - sigma_t * s                                    # d = v - sigma_t s (linear: v - t s)
+        drift = v - sigma_t * s                                    # linear path: v - t s
         x = x + drift * dt
-        if i < num_steps - 1:                                      # last step to 0: mean only, no noise
+        if i < num_steps - 1:                                      # last step: mean only, no noise
             xi = torch.randn(x.shape, generator=generator, dtype=state, device=x.device)
             x = x + math.sqrt(2 * sigma_t) * math.sqrt(-dt) * xi
     return x.to(noise.dtype)
