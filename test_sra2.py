@@ -2257,7 +2257,7 @@ def test_unreadable_cache_files_are_rebuilt(tmp_path, capsys, monkeypatch):
 
 def test_resume_with_nothing_to_resume_starts_from_scratch(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
-    tiny_demo.main([*TINY, "--steps", "2", "--evals", "1", "--out", str(tmp_path / "o"), "--cache",
+    tiny_demo.main([*TINY, "--steps", "2", "--evals", "1", "--heldout-evals", "1", "--out", str(tmp_path / "o"), "--cache",
                     str(tmp_path / "c"), "--resume"])
     assert "--resume: no checkpoint in" in capsys.readouterr().out
 
@@ -2294,7 +2294,7 @@ def test_resume_where_settings_were_clipped_to_the_data(tmp_path, monkeypatch, c
     """--fid-ref-n above the number of images is clipped to it before anything is saved or compared,
     so the same command with --resume finds its own checkpoints, not "another run"."""
     monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
-    argv = [*TINY, "--steps", "2", "--evals", "1", "--fid-ref-n", "1000", "--out", str(tmp_path / "o"),
+    argv = [*TINY, "--steps", "2", "--evals", "1", "--heldout-evals", "1", "--fid-ref-n", "1000", "--out", str(tmp_path / "o"),
             "--cache", str(tmp_path / "c")]
     first = tiny_demo.main(argv)
     again = tiny_demo.main([*argv, "--resume"])
