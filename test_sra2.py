@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -519,6 +520,25 @@ def test_readme_ten_lines_run_in_seconds_and_save_a_plain_sit(tmp_path, monkeypa
     state = torch.load(tmp_path / "sit.pt", weights_only=True)
     assert not any(k.startswith("mlp") for k in state) and set(state) == set(scope["model"].state_dict())
     assert (tmp_path / "sit.pt").stat().st_size < 10 * 2 ** 20
+
+
+def test_readme_results_come_from_the_records_in_results():
+    """Every table row and every number of the README's Results section is in results/study.md,
+    which results/study.py writes from the per-run records in results/study/; each record names
+    its command, commit and machine, and study.md is what those records give today."""
+    import importlib.util
+    text = (HERE / "README.md").read_text().split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    study = (HERE / "results" / "study.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    assert rows and all(row in study for row in rows)
+    numbers = re.findall(r"[+-]?\d+\.\d+%?", re.sub(r"\|.*", "", text))
+    assert numbers and all(n in study for n in numbers), [n for n in numbers if n not in study]
+    spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
+    study_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_py)
+    records = study_py.load_records()
+    assert records and all({"command", "commit", "machine"} <= set(r) for r in records.values())
+    assert study_py.study_text(records) == study
 
 
 def test_readme_snippets_run_on_a_dit_shaped_model():
@@ -1703,6 +1723,9 @@ def test_cpu_preset_settings():
     assert (s.model, s.steps, s.batch_size, s.seeds, s.threads, s.heldout_n, s.heldout_evals, s.evals) == \
         ("small", 1200, 64, [0, 1], 2, 1000, 8, 3)
     assert tiny_demo.model_config(s)[2].depth == 8 and tiny_demo.parse_args(["--preset", "cpu", "--steps", "7"]).steps == 7
+    assert tiny_demo.describe(s) == ("preset cpu: small, 1200 steps of batch 64, lr 0.0003, joint clip 1, seeds [0, 1], "
+                                     "baseline, sra2; held-out loss on 1000 test images at 8 checkpoints; "
+                                     "FID-250 25-step at 3 checkpoints")
 
 
 def test_read_cifar_folder_and_archive_agree(tmp_path):

@@ -1363,6 +1363,16 @@ def check(s):
                         f"(choose 1..{config.depth})")
 
 
+def describe(s):
+    """The settings that make the run what it is, in one line (printed first)."""
+    fid = (f"{s.ckpt_fid} at {s.evals} checkpoints" if s.evals else "no FID checkpoints") + \
+        (f", {s.final_fid} at the end" if s.final_fid_n else "")
+    heldout = (f"held-out loss on {s.heldout_n} test images at {s.heldout_evals} checkpoints"
+               if s.heldout_evals else "no held-out loss")
+    return (f"preset {s.preset}: {s.model}, {s.steps} steps of batch {s.batch_size}, lr {s.lr:g}, "
+            f"{s.clip} clip {s.grad_clip:g}, seeds {s.seeds}, {', '.join(s.runs)}; {heldout}; {fid}")
+
+
 def setup(s):
     """Device, precision flags, output folder and log."""
     global LOG_FILE
@@ -1444,7 +1454,7 @@ def demo(s, device, out, card):
                              ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))]
              if row[2].name in s.runs])
     check_checkpoints(s, runs, out)                                    # before any work or any write
-    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""))
+    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""), describe(s))
     if device.type == "cpu" and s.preset == "full":
         say("note: no GPU in use: the full demo on a CPU takes many hours; --preset cpu is made for two cores")
     # FID on rank 0 only; it fails early without weights.

@@ -111,13 +111,28 @@ def collect(work):
     return records
 
 
+def load_records():
+    """The records in results/study/, in queue order."""
+    found = {p.stem: json.loads(p.read_text()) for p in (HERE / "study").glob("*.json")}
+    return {job: found[job] for job in QUEUE + CONFIRM if job in found}
+
+
 def gap(sra, base, key="loss", at=-1):
     """SRA 2 against its baseline on the same draws: held-out loss ratio - 1, in percent."""
     return 100 * (sra["heldout"][at][key] / base["heldout"][at][key] - 1)
 
 
 def table(records):
-    """results/study.md: one row per variant (mean over the seeds found), then one per job."""
+    """results/study.md and the charts, from the records."""
+    text = study_text(records)
+    (HERE / "study.md").write_text(text)
+    print(text, end="")
+    charts(records)
+
+
+def study_text(records):
+    """The text of results/study.md: one row per variant (mean over the seeds found), then one per
+    job, then the confirmation."""
     mean = lambda xs: sum(xs) / len(xs)
     lines = ["# The CPU study", "",
              "Held-out loss: the denoising term on 1,000 CIFAR-10 test images at a fixed t grid and fixed noise, "
@@ -145,9 +160,7 @@ def table(records):
         lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['train_seconds']:.0f} s | "
                      f"{100 * r['heldout_seconds'] / r['train_seconds']:.1f}% | `{r['command']}` |")
     lines += confirm_lines({k: r for k, r in records.items() if k in CONFIRM})
-    (HERE / "study.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    charts(records)
+    return "\n".join(lines) + "\n"
 
 
 def confirm_lines(confirm):
@@ -215,7 +228,8 @@ def main(argv=None):
     if a.what == "run":
         run(a.jobs or QUEUE, a.lanes, a.data, a.work)
     else:
-        table(collect(a.work))
+        collect(a.work)
+        table(load_records())
 
 
 if __name__ == "__main__":
