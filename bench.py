@@ -164,7 +164,7 @@ def _benchmark(device, quick, official):
     rows = []
     for name, batch in cases:
         variants = [(m, s, None) for m in modes for s in (False, True)]
-        variants += [(m, False, official) for m in modes if official]
+        variants += [(m, s, official) for m in modes for s in (False, True) if official]
         for mode, sra, off in variants:
             r = bench_train(name, batch, mode, sra, device, overrides, warmup, iters, off)
             rows.append(r)

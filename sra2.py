@@ -395,7 +395,8 @@ def tap(model, depths):
     DDP or torch.compile) works unchanged. The hooks go when the `with` ends, also on an error.
         with tap(model, [2]) as hidden:
             v = model(x_t, t, y)
-        h = hidden[2]"""
+        h = hidden[2]
+    A block called twice in one forward leaves the output of its last call."""
     blocks = getattr(_inner(model), "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"{type(_inner(model)).__name__} has no `blocks` ModuleList to tap")
@@ -547,8 +548,8 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None, ali
     eps = torch.randn_like(z) if eps is None else eps
     x_t, v_target = interpolate(z, eps, t, path)                   # (1-t) z + t eps, eps - z
     drop = {} if drop_labels is None else dict(drop_labels=drop_labels)
-    with tap(model, [a.depth for a in alignments]) as hidden:      # h (N, T, D) after each block k
-        v = model(x_t, t, y, **drop)
+    with tap(model, [a.depth for a in alignments]) if alignments else nullcontext({}) as hidden:
+        v = model(x_t, t, y, **drop)                               # hidden: h_k (N, T, D) by block k
     denoise = (v.float() - v_target.float()).square().mean()       # mean over C, H, W and batch
     parts = {"loss": denoise, "denoise": denoise, "align": denoise.new_zeros(())}
     for a in alignments:

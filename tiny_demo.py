@@ -441,6 +441,8 @@ def load_test_images(s):
     if s.data == "synthetic":
         return synthetic_images(s.heldout_n, seed=1_000_003)
     images, labels = read_cifar(Path(s.data) if s.data else download_cifar(s.cache), "test")
+    if len(images) < s.heldout_n:
+        raise DemoError(f"--heldout-n {s.heldout_n}: the test split has {len(images)} images")
     return images[:s.heldout_n], labels[:s.heldout_n]
 
 
@@ -582,7 +584,8 @@ HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)
 def heldout_loss(model, held, batch=100):
     """The training objective's denoising term on the held-out set: |v_theta(x_t, t, y) - v|^2 with
     v = eps - z, averaged over C, H, W and the images; overall and per band of t (low t: little
-    noise). Labels always given (no dropout: eval mode), float32, no autocast: deterministic."""
+    noise). Labels always given (no dropout: eval mode), float32 without autocast (TF32 matmuls
+    on CUDA, as in training): the same number for the same weights, bitwise on a CPU."""
     per_image = []
     with torch.autocast(held.z.device.type, enabled=False):
         for z, y, t, eps in zip(*(v.split(batch) for v in (held.z, held.y, held.t, held.eps))):
@@ -886,12 +889,12 @@ def sync_time(device, tic):
 # Checkpoints: save, check, restore (--resume)
 # ---------------------------------------------------------------------------------------------
 
-CKPT_FORMAT = "tiny_demo/1"
+CKPT_FORMAT = "tiny_demo/2"                # /1: before the held-out loss and the study knobs
 CKPT_KEYS = {"format", "step", "settings", "run", "model", "ema", "projector", "optimizer", "rng", "record"}
 # Settings a resumed run may change: where files are, how fast it runs, how often it saves. Any
 # other difference would make the resumed run a different run. (ckpt_fid, final_fid: derived.)
 RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume", "ckpt_minutes", "runs",
-               "preset", "commit",
+               "preset",
                "ckpt_every", "argv", "seed", "seeds", "quick", "ablate", "ckpt_fid", "final_fid"}
 
 
@@ -1464,7 +1467,7 @@ def demo(s, device, out, card):
     stage.heldout = heldout_set(s, stage, device) if s.heldout_evals else None
 
     # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind this decoder.
-    n_floor = max(s.fid_n if s.evals else 2, s.final_fid_n)
+    n_floor = max(s.fid_n if s.evals else 2, s.final_fid_n, min(50, len(images)))
     recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(s.sample_batch)])
     floor = dict(ckpt=from_rank0(fid_meter, recon[:s.fid_n]) if s.evals else None,
                  final=from_rank0(fid_meter, recon[:s.final_fid_n]) if s.final_fid_n else None)
