@@ -139,7 +139,7 @@ def study_text(records):
              "EMA weights, at the last step; each SRA 2 run against the baseline of the same seed and settings "
              "(same init, batches and noise). Negative: SRA 2 better. Written by `python results/study.py table`.",
              "", "| variant | seeds | held-out loss gap | low t | middle t | high t | gap at 1/4 of the run | "
-             "time per step | steps above the clip (base / SRA 2) |", "|---|---|---|---|---|---|---|---|---|"]
+             "time per step* | steps above the clip (base / SRA 2) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, (what, _, base_name) in VARIANTS.items():
         pairs = [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
                  if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
