@@ -247,8 +247,9 @@ def _resolve_weights(weights=None):
         return _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
     except Exception as error:
         raise FileNotFoundError(
-            f"no FID Inception weights ({error}): put pt_inception-2015-12-05-6726825d.pth (or the "
-            f"-nofc.pth file from ../shared/weights) at {cached}, or set {WEIGHTS_ENV}=/path/to/file"
+            f"no FID Inception weights ({error}): pass a local copy of "
+            f"pt_inception-2015-12-05-6726825d.pth with --weights (fid.py) or --inception "
+            f"(tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, or put it at {cached}"
         ) from error
 
 

@@ -1353,6 +1353,7 @@ def test_fid_weights_resolution_order_and_missing_weights_message(tmp_path, monk
     with pytest.raises(FileNotFoundError, match=f"{fid.WEIGHTS_ENV}") as error:
         fid.load_inception()
     assert str(fid._cache_path()) in str(error.value) and "\n" not in str(error.value)
+    assert "--weights" in str(error.value) and "--inception" in str(error.value) and "shared" not in str(error.value)
     assert not fid._cache_path().exists()  # a failed download leaves nothing behind
     fid._cache_path().parent.mkdir(parents=True, exist_ok=True)
     fid._cache_path().touch()
