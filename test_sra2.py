@@ -1,5 +1,6 @@
 """Tests for sra2.py, fid.py and tiny_demo.py: oracles (the same quantity computed two ways) and invariants, fast on a CPU.
 Run: python -m pytest -q"""
+import argparse
 import functools
 import gzip
 import hashlib
@@ -9,6 +10,9 @@ import math
 import os
 import pickle
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -31,7 +35,9 @@ import fid
 import sra2
 import tiny_demo
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"   # files that cannot be downloaded here: CI has them beside the checkout
+NOT_SHARED = f"needs {SHARED} beside the checkout (reference files and weights)"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 fast = settings(max_examples=20, deadline=None)
 
@@ -93,7 +99,7 @@ def test_presets_cover_paper_names_and_align_depths():
 def official_keys():
     path = SHARED / "reference" / "sit_state_dict_keys.txt"
     if not path.exists():
-        pytest.skip(f"{path} not found (it sits in ../shared beside the checkout)")
+        pytest.skip(NOT_SHARED)
     keys = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith(("#", "...")):
@@ -1003,13 +1009,13 @@ def test_cuda_compiled_loss_matches_eager_within_bf16_tolerance():
 # Inception Score, oracle features from the real pytorch-fid / NVIDIA pipelines, bad input
 # =============================================================================================
 
-FID_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shared" / "weights"
+FID_WEIGHTS_DIR = SHARED / "weights"
 FID_NOFC = FID_WEIGHTS_DIR / "pt_inception-2015-12-05-nofc.pth"
 FID_NOFC_FP16 = FID_WEIGHTS_DIR / "pt_inception-2015-12-05-nofc-fp16.pth"
 FID_ORACLE = FID_WEIGHTS_DIR / "reference_features.npz"
 needs_fid_weights = pytest.mark.skipif(
     not (FID_NOFC.is_file() and FID_ORACLE.is_file()),
-    reason=f"FID Inception weights / oracle not found in {FID_WEIGHTS_DIR} (see its README.md)")
+    reason=NOT_SHARED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1449,9 +1455,8 @@ def test_fid_cli_saves_folder_statistics_and_names_the_convention(tmp_path, caps
 # computations, and one clear line for each bad input
 # =============================================================================================
 
-HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE.parent / "shared" / "weights" / "pt_inception-2015-12-05-nofc.pth"
-needs_inception = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"FID Inception weights not at {WEIGHTS}")
+WEIGHTS = FID_NOFC
+needs_inception = pytest.mark.skipif(not WEIGHTS.is_file(), reason=NOT_SHARED)
 
 # The smallest settings that still run every stage: 64 synthetic images, a width-8 VAE, the tiny
 # SiT, 5 checkpoints with 3-image FIDs. Seconds on a CPU, numbers meaningless.
@@ -1935,10 +1940,6 @@ def test_bad_input_is_one_line_from_the_command_line(tmp_path):
 # and one clear line for every bad input
 # =============================================================================================
 
-import argparse                                                        # noqa: E402 (this section's own)
-import shutil                                                          # noqa: E402
-import signal                                                          # noqa: E402
-import socket                                                          # noqa: E402
 
 # 12 steps, a checkpoint (and log line) every 3, FID at steps 6 and 12, plumbing-only FID.
 RESUME = [*TINY, "--steps", "12", "--evals", "2", "--ckpt-every", "3"]
