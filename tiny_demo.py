@@ -2,6 +2,7 @@
 """tiny_demo.py: does SRA 2 make a diffusion transformer converge faster? CIFAR-10, one GPU, minutes.
 
     python tiny_demo.py                       # the demo (one GPU; --help lists every knob)
+    python tiny_demo.py --preset cpu          # the same question on two CPU cores (smaller SiT)
     python tiny_demo.py --quick               # CPU smoke test of the whole pipeline (synthetic data)
     python tiny_demo.py --ablate              # Table 1 of the paper in miniature
     python tiny_demo.py ... --resume          # after a crash or a kill: the same flags, plus --resume
@@ -18,11 +19,15 @@ Pipeline
   3. Stage 2  SiT on the latents, class-conditional (10 classes, label dropout 0.1), trained twice
               with the same seed, init, data order, noise draws, steps and batch: the baseline, and
               SRA 2 (projector P on block align_depth pulled toward the clean latent).
-  4. Measure  FID against the training images (protocol below), both loss terms, training wall
-              time; Table 2 in miniature and the speed-up: the fraction of steps (and of wall time)
-              after which SRA 2 stays at or below the baseline's final FID (last crossing).
-  5. Pictures PNGs written with pillow: FID vs steps, FID vs wall-clock, loss curves, sample grids
-              of both runs at matched steps (same noise, same labels), VAE reconstructions.
+  4. Measure  The held-out loss: the denoising term on CIFAR-10 test images (never trained on) at
+              a fixed t grid with fixed noise, overall and in three bands of t, so both runs and
+              every checkpoint are judged on the same draws (low noise, paired). FID against the
+              training images (protocol below), both loss terms, training wall time; Table 2 in
+              miniature and the speed-up: the fraction of steps (and of wall time) after which
+              SRA 2 stays at or below the baseline's final FID (last crossing).
+  5. Pictures PNGs written with pillow: FID and held-out loss vs steps, FID vs wall-clock, loss
+              curves, sample grids of both runs at matched steps (same noise and labels), VAE
+              reconstructions.
 
 Conventions are sra2.py's: t = 0 data, t = 1 noise, x_t = (1 - t) z + t eps, v = eps - z.
 z (N, 4, 16, 16) is the normalised VAE latent, which is also f_VAE, the alignment target.
@@ -46,16 +51,9 @@ runs side by side at each checkpoint), samples_final.png, vae_reconstructions.pn
 (ckpt/<run>-seed<k>.pt with several seeds).
 Cache (--cache): cifar-10-python.tar.gz, stage1-<key>.pt (VAE + latents), fid-ref-<key>.npz.
 
-Time (ESTIMATED, no GPU run yet): the default run, data and stage 1 cached, about 4.6 min on one
-H100 at an assumed 120 TFLOP/s bf16 (3.4 min at 180, 5.4 min at 100), from FLOPs counted here
-(torch's FlopCounterMode): a training step at batch 256 is 2.11 TFLOP (baseline) / 2.31 TFLOP
-(SRA 2, +10%: the projector is large next to S/2), 4,000 steps of each = 17.7 PFLOP; sampling
-(2 x 5 x 2,000 images x 50 steps + 2 x 5,000 x 250, at 2.74 GFLOP per image and step) = 9.6
-PFLOP; plus ~50 s of Inception (37,000 images x 11.4 GFLOP in fp32), Frechet distances, start-up,
-optimizer/EMA overhead and checkpoints. The first run adds the download, stage 1 (3,000 VAE steps
-x 256 x 3.4 GFLOP, about a minute) and the reference statistics (50,000 Inception passes, ~20 s).
-Measure before a long run: `python bench.py` times training steps; a demo run with
-`--steps 100 --evals 1` shows this model's rate in its progress line.
+Time: the default (GPU) run has not been timed. Counted FLOPs (FlopCounterMode): a training step
+at batch 256 is 2.11 TFLOP for the baseline and 2.31 for SRA 2 (+10%: P is large next to S/2);
+`python bench.py` times steps on your card. --preset cpu on two cores: README, Results.
 
 Choices (and why)
   - VAE: width 64 (1.6M parameters), latent 4 channels, MSE + 1e-5 x KL (per element), 3,000 steps
