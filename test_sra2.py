@@ -1922,7 +1922,8 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     line = error_line(capsys, [*TINY, "--batch-size", "65", "--out", str(tmp_path / "o"), "--cache", str(tmp_path)])
     assert "more than the 64 training images" in line
     line = error_line(capsys, [*TINY, "--t-range", "0.5", "0.2", "--out", str(tmp_path / "o")])
-    assert line == "tiny_demo: error: --t-range 0.5 0.2: need 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"
+    assert line == ("tiny_demo: error: --t-range must be LO HI with 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise), "
+                    "got 0.5 0.2")
 
 
 def test_bad_input_is_one_line_from_the_command_line(tmp_path):
@@ -2206,8 +2207,8 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
     (["--lr", "0"], "--lr must be > 0, got 0"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1"),
     (["--lam", "-1"], "--lam must be >= 0, got -1"),
-    (["--grad-clip", "0"], "--grad-clip, --target-scale and --vae-lr must be > 0"),
-    (["--target-scale", "0"], "--grad-clip, --target-scale and --vae-lr must be > 0"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0, got 0"),
+    (["--target-scale", "0"], "--target-scale must be > 0, got 0"),
     (["--preset", "gpu"], "argument --preset: invalid choice: 'gpu'"),
     (["--clip", "both"], "argument --clip: invalid choice: 'both'"),
     (["--runs", "sra3"], "--runs 'sra3': need baseline, sra2 or baseline,sra2"),
@@ -2217,8 +2218,8 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
     (["--heldout-n", "5"], "--heldout-n must be >= 12 (one image per point of the t grid), got 5"),
     (["--final-fid-n", "1"], "--final-fid-n must be >= 2 (FID needs a covariance), or 0 for none, got 1"),
     (["--mlp-width", "0"], "--mlp-width must be >= 1, got 0"),
-    (["--vae-kl", "-1"], "--vae-kl, --ckpt-minutes and --ckpt-every >= 0"),
-    (["--ckpt-every", "-1"], "--ckpt-every >= 0"),
+    (["--vae-kl", "-1"], "--vae-kl must be >= 0, got -1"),
+    (["--ckpt-every", "-1"], "--ckpt-every must be >= 0, got -1"),
     (["--ckpt-minutes", "inf"], "--ckpt-minutes must be a finite number"),
     (["--t-range", "0", "nan"], "--t-range must be a finite number"),
     (["--fid-sampling-steps", "0"], "--fid-sampling-steps must be >= 1, got 0"),

@@ -1306,6 +1306,23 @@ def parse_args(argv=None):
     return args
 
 
+_positive, _count = (lambda v: v > 0, "> 0"), (lambda v: v >= 1, ">= 1")
+_some, _fid_count = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 2, ">= 2 (FID needs a covariance)")
+# What each numeric flag must be; a value outside it is one line: "--lr must be > 0, got 0".
+FLAG_RULES = {
+    **dict.fromkeys(("steps", "batch_size", "threads", "n_images", "vae_steps", "vae_batch", "sample_batch",
+                     "mlp_depth", "mlp_width", "log_every", "vae_width", "latent_channels",
+                     "fid_sampling_steps", "final_sampling_steps"), _count),
+    **dict.fromkeys(("evals", "heldout_evals", "ckpt_every", "ckpt_minutes", "vae_kl", "lam"), _some),
+    **dict.fromkeys(("lr", "grad_clip", "target_scale", "vae_lr"), _positive),
+    "fid_n": _fid_count, "fid_ref_n": _fid_count,
+    "final_fid_n": (lambda v: v == 0 or v >= 2, ">= 2 (FID needs a covariance), or 0 for none"),
+    "heldout_n": (lambda v: v >= HELDOUT_T, f">= {HELDOUT_T} (one image per point of the t grid)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "t_range": (lambda v: 0 <= v[0] < v[1] <= 1, "LO HI with 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"),
+}
+
+
 def check(s):
     """Every impossible setting, before any work, as one line each."""
     try:
@@ -1315,29 +1332,19 @@ def check(s):
     if len(set(s.seeds)) < len(s.seeds) or not all(0 <= seed < 2**31 for seed in s.seeds):
         raise DemoError(f"--seed {s.seed!r}: need distinct seeds in 0..{2**31 - 1}")
     s.seed = s.seeds[0]
-    for name in ("steps", "batch_size", "threads", "vae_steps", "vae_batch", "sample_batch", "mlp_depth",
-                 "log_every", "vae_width", "latent_channels", "fid_sampling_steps", "final_sampling_steps",
-                 "mlp_width"):
-        if getattr(s, name) is not None and getattr(s, name) < 1:
-            raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("evals", "heldout_evals"):
-        if getattr(s, name) < 0:
-            raise DemoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    for name in ("fid_n", "final_fid_n", "fid_ref_n"):
-        if getattr(s, name) < 2 and not (name == "final_fid_n" and s.final_fid_n == 0):
-            raise DemoError(f"--{name.replace('_', '-')} must be >= 2 (FID needs a covariance)"
-                            f"{', or 0 for none' if name == 'final_fid_n' else ''}, got {getattr(s, name)}")
-    if s.heldout_evals and s.heldout_n < HELDOUT_T:
-        raise DemoError(f"--heldout-n must be >= {HELDOUT_T} (one image per point of the t grid), got {s.heldout_n}")
+    for name, (ok, need) in FLAG_RULES.items():
+        value = getattr(s, name)
+        if value is None or (name == "heldout_n" and not s.heldout_evals):
+            continue
+        if not all(map(math.isfinite, np.atleast_1d(value))):
+            raise DemoError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not ok(value):
+            shown = " ".join(f"{v:g}" for v in np.atleast_1d(value))
+            raise DemoError(f"--{name.replace('_', '-')} must be {need}, got {shown}")
     wanted = s.runs.split(",") if isinstance(s.runs, str) else list(s.runs)
     if not wanted or not set(wanted) <= {"baseline", "sra2"} or len(set(wanted)) < len(wanted):
         raise DemoError(f"--runs {s.runs!r}: need baseline, sra2 or baseline,sra2")
     s.runs = wanted
-    for name in ("lr", "grad_clip", "ema_decay", "lam", "vae_lr", "vae_kl", "ckpt_minutes", "t_range", "target_scale"):
-        if not all(map(math.isfinite, np.atleast_1d(getattr(s, name)))):
-            raise DemoError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(s, name)}")
-    if s.grad_clip <= 0 or s.target_scale <= 0 or s.vae_lr <= 0 or s.vae_kl < 0 or s.ckpt_minutes < 0 or s.ckpt_every < 0:
-        raise DemoError("--grad-clip, --target-scale and --vae-lr must be > 0; --vae-kl, --ckpt-minutes and --ckpt-every >= 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))                    # set by torchrun
     if s.batch_size % world:
         raise DemoError(f"--batch-size {s.batch_size} does not split evenly over {world} processes "
@@ -1346,15 +1353,6 @@ def check(s):
         raise DemoError(f"--vae-width must be a multiple of 8 (GroupNorm groups), got {s.vae_width}")
     if max(s.evals, s.heldout_evals) > s.steps:
         raise DemoError(f"--evals {s.evals} / --heldout-evals {s.heldout_evals}: more than --steps {s.steps}")
-    if s.n_images is not None and s.n_images < 1:
-        raise DemoError(f"--n-images must be >= 1, got {s.n_images}")
-    lo, hi = s.t_range
-    if not 0 <= lo < hi <= 1:
-        raise DemoError(f"--t-range {lo:g} {hi:g}: need 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)")
-    for flag, value, ok, need in (("--lam", s.lam, s.lam >= 0, ">= 0"), ("--lr", s.lr, s.lr > 0, "> 0"),
-                                  ("--ema-decay", s.ema_decay, 0 <= s.ema_decay < 1, "in [0, 1)")):
-        if not ok:
-            raise DemoError(f"{flag} must be {need}, got {value:g}")
     _, _, config = model_config(s)
     s.align_depth = s.align_depth if s.align_depth is not None else config.align_depth
     s.ckpt_fid = fid_name(s.fid_n, s.fid_sampling_steps)
