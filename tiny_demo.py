@@ -418,30 +418,30 @@ def synthetic_images(n, seed=0):
     return images, labels.astype(np.int64)
 
 
-def load_data(s):
+def load_data(args):
     """(images uint8 (N, 32, 32, 3), labels (N,), description, identity hash)."""
-    if s.data == "synthetic":
-        images, labels = synthetic_images(s.n_images or 50000, s.seed)
+    if args.data == "synthetic":
+        images, labels = synthetic_images(args.n_images or 50000, args.seed)
         desc = f"SYNTHETIC shapes ({len(labels)} images; not CIFAR-10, numbers not meaningful)"
     else:
-        source = Path(s.data) if s.data else download_cifar(s.cache)
+        source = Path(args.data) if args.data else download_cifar(args.cache)
         images, labels = read_cifar(source)
-        if s.data and source.is_file() and source.name.endswith("gz") and md5_of(source) != CIFAR_MD5:
+        if args.data and source.is_file() and source.name.endswith("gz") and md5_of(source) != CIFAR_MD5:
             say(f"note: {source} is not the official archive (MD5 differs); using it anyway")
-        images, labels = images[:s.n_images], labels[:s.n_images]
+        images, labels = images[:args.n_images], labels[:args.n_images]
         desc = f"CIFAR-10 train ({len(labels)} images, from {source})"
     return images, labels, desc, digest(images.tobytes(), labels.tobytes())
 
 
-def load_test_images(s):
+def load_test_images(args):
     """The first --heldout-n images of CIFAR-10's test split (never trained on), or synthetic ones
     drawn with a seed of their own."""
-    if s.data == "synthetic":
-        return synthetic_images(s.heldout_n, seed=1_000_003)
-    images, labels = read_cifar(Path(s.data) if s.data else download_cifar(s.cache), "test")
-    if len(images) < s.heldout_n:
-        raise DemoError(f"--heldout-n {s.heldout_n}: the test split has {len(images)} images")
-    return images[:s.heldout_n], labels[:s.heldout_n]
+    if args.data == "synthetic":
+        return synthetic_images(args.heldout_n, seed=1_000_003)
+    images, labels = read_cifar(Path(args.data) if args.data else download_cifar(args.cache), "test")
+    if len(images) < args.heldout_n:
+        raise DemoError(f"--heldout-n {args.heldout_n}: the test split has {len(images)} images")
+    return images[:args.heldout_n], labels[:args.heldout_n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,14 +492,14 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def train_vae(images, s, device):
+def train_vae(images, args, device):
     torch.manual_seed(VAE_SEED)
-    vae = VAE(s.vae_width, s.latent_channels).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0)
+    vae = VAE(args.vae_width, args.latent_channels).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0)
     pixels = torch.from_numpy(images).to(device)                       # uint8 (N, 32, 32, 3)
-    bar = Progress("stage 1: VAE", s.vae_steps)
-    for step in range(1, s.vae_steps + 1):
-        x = to_float(pixels[torch.randint(len(pixels), (s.vae_batch,), device=device)])
+    bar = Progress("stage 1: VAE", args.vae_steps)
+    for step in range(1, args.vae_steps + 1):
+        x = to_float(pixels[torch.randint(len(pixels), (args.vae_batch,), device=device)])
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)   # flips
         with sra2.autocast(device, enabled=device.type == "cuda"):
             mean, logvar = vae.encode(x)
@@ -508,9 +508,9 @@ def train_vae(images, s, device):
         mse = (x_hat.float() - x).square().mean()
         kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).mean()
         opt.zero_grad(set_to_none=True)
-        (mse + s.vae_kl * kl).backward()
+        (mse + args.vae_kl * kl).backward()
         opt.step()
-        if step % 25 == 0 or step == s.vae_steps:
+        if step % 25 == 0 or step == args.vae_steps:
             bar.update(step, f"mse {mse.item():.4f}  kl {kl.item():.2f}")
     bar.close()
     return vae.eval().requires_grad_(False)
@@ -529,17 +529,17 @@ def encode_all(vae, images, device, batch=1000):
     return torch.stack([torch.cat(out[0]), torch.cat(out[1])])
 
 
-def stage1(images, data_id, s, device):
+def stage1(images, data_id, args, device):
     """Train (or load from the cache) the VAE; return it with the normalised latents (2, N, C, 16, 16)."""
-    settings = dict(width=s.vae_width, channels=s.latent_channels, kl=s.vae_kl, lr=s.vae_lr,
-                    steps=s.vae_steps, batch=s.vae_batch, seed=VAE_SEED, version=1)
-    path = Path(s.cache) / f"stage1-{digest(settings, data_id)}.pt"
+    settings = dict(width=args.vae_width, channels=args.latent_channels, kl=args.vae_kl, lr=args.vae_lr,
+                    steps=args.vae_steps, batch=args.vae_batch, seed=VAE_SEED, version=1)
+    path = Path(args.cache) / f"stage1-{digest(settings, data_id)}.pt"
     saved = read_cache(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
     if saved is not None:
         say(f"stage 1: VAE and latents from the cache ({path.name})")
     else:
         t0 = time.perf_counter()
-        vae = train_vae(images, s, device)
+        vae = train_vae(images, args, device)
         latents = encode_all(vae, images, device)                      # (2, N, C, 16, 16)
         # Normalise to mean 0, std 1 (SD-VAE: scale 0.18215): diffusion noise eps ~ N(0, I) must
         # be on the latents' scale, and the SRA 2 target inherits it.
@@ -550,7 +550,7 @@ def stage1(images, data_id, s, device):
         atomic_save(path, lambda tmp: torch.save(saved, tmp))
         say(f"stage 1: VAE trained and {2 * len(images)} latents encoded in {fmt_time(saved['seconds'])} "
             f"(cached as {path.name})")
-    vae = VAE(s.vae_width, s.latent_channels)
+    vae = VAE(args.vae_width, args.latent_channels)
     vae.load_state_dict(saved["vae"])
     vae = vae.to(device).eval().requires_grad_(False)
     z = saved["latents"].float()
@@ -561,12 +561,12 @@ def stage1(images, data_id, s, device):
 
 
 @torch.no_grad()
-def heldout_set(s, stage, device):
+def heldout_set(args, stage, device):
     """The held-out set: --heldout-n test images encoded by the stage-1 VAE (posterior means,
     normalised like the training latents), image i at t = (j + 0.5) / HELDOUT_T with j = i mod
     HELDOUT_T, and one fixed noise draw. Every run, seed and checkpoint is judged on the same
     (z, y, t, eps), so differences between runs are not sampling noise."""
-    images, labels = load_test_images(s)
+    images, labels = load_test_images(args)
     z = torch.cat([(stage.vae.encode(to_float(torch.from_numpy(b).to(device)))[0].float() - stage.shift)
                    * stage.scale for b in np.array_split(images, max(1, len(images) // 500))])   # (n, C, 16, 16)
     grid = (torch.arange(HELDOUT_T, dtype=torch.float64) + 0.5) / HELDOUT_T
@@ -622,17 +622,17 @@ def fid_small(features, mu_ref, sigma_ref):
 class FIDMeter:
     """FID of uint8 images against the reference statistics of the training images."""
 
-    def __init__(self, s, images, data_id, device):
+    def __init__(self, args, images, data_id, device):
         self.device = device
-        self.n_ref = min(s.fid_ref_n, len(images))                    # what the reference really holds
+        self.n_ref = min(args.fid_ref_n, len(images))                    # what the reference really holds
         try:                                       # fid.py names a file that is not the weights
-            self.model = fid.load_inception(s.inception, device)
+            self.model = fid.load_inception(args.inception, device)
         except ValueError as error:
             raise DemoError(f"--inception {error}") from None
-        weights = Path(s.inception) if s.inception else None
+        weights = Path(args.inception) if args.inception else None
         key = digest(data_id, self.n_ref, "tf", weights.name if weights else "default",
                      weights.stat().st_size if weights else 0)
-        path = Path(s.cache) / f"fid-ref-{key}.npz"
+        path = Path(args.cache) / f"fid-ref-{key}.npz"
         cached = read_cache(path, lambda: fid.load_statistics(path))
         if cached is not None:
             self.mu, self.sigma = cached
@@ -669,18 +669,18 @@ class FIDMeter:
 
 
 @torch.no_grad()
-def generate(model, stage, n, num_steps, s, device, label):
+def generate(model, stage, n, num_steps, args, device, label):
     """n images (uint8 NHWC) from `model` with the papers' Euler-Maruyama sampler, no CFG. Noise
     and labels (image i has class i % 10) come from a fixed seed: matched across runs and steps.
     Under torchrun, rank r samples chunks r, r + world, ... and every rank gets all n images."""
     rank, world = rank_and_world()
-    chunks = list(enumerate((torch.arange(n, device=device) % 10).split(s.sample_batch)))
-    C, H = s.latent_channels, 16
+    chunks = list(enumerate((torch.arange(n, device=device) % 10).split(args.sample_batch)))
+    C, H = args.latent_channels, 16
     mine, bar = [], Progress(f"  sampling {label}", sum(len(y) for _, y in chunks[rank::world]), "img")
     for chunk, y in chunks[rank::world]:
         # A generator per chunk: chunk c's draws depend on (seed, c) only, so sharing the chunks
         # out across GPUs changes not a single sample.
-        generator = torch.Generator(device).manual_seed(10_007 * (s.seed + 1) + chunk)
+        generator = torch.Generator(device).manual_seed(10_007 * (args.seed + 1) + chunk)
         noise = torch.randn(len(y), C, H, H, generator=generator, device=device)
         with sra2.autocast(device, enabled=device.type == "cuda"):
             z = sra2.sample_sde(model, noise, y, num_steps=num_steps, generator=generator)
@@ -699,21 +699,21 @@ def generate(model, stage, n, num_steps, s, device, label):
 # ---------------------------------------------------------------------------------------------
 
 
-def model_config(s):
+def model_config(args):
     """The SiTConfig the run will build, without building it (for checks and tables)."""
-    preset, overrides = DEMO_MODELS.get(s.model, (s.model, {}))
-    fields = {**sra2.PRESETS[preset], **overrides, **sit_overrides(s)}
+    preset, overrides = DEMO_MODELS.get(args.model, (args.model, {}))
+    fields = {**sra2.PRESETS[preset], **overrides, **sit_overrides(args)}
     return preset, overrides, sra2.SiTConfig(**fields)
 
 
-def sit_overrides(s):
-    return dict(input_size=16, in_channels=s.latent_channels, num_classes=10)
+def sit_overrides(args):
+    return dict(input_size=16, in_channels=args.latent_channels, num_classes=10)
 
 
-def build(s, run, device):
-    preset, overrides, _ = model_config(s)
-    torch.manual_seed(s.seed)                                          # same SiT init in every run
-    model = sra2.create_sit(preset, **overrides, **sit_overrides(s)).to(device)
+def build(args, run, device):
+    preset, overrides, _ = model_config(args)
+    torch.manual_seed(args.seed)                                          # same SiT init in every run
+    model = sra2.create_sit(preset, **overrides, **sit_overrides(args)).to(device)
     projector = (sra2.make_projector(model, depth=run.mlp_depth, width=run.mlp_width).to(device)
                  if run.align else None)
     return model, projector
@@ -760,43 +760,43 @@ def data_parallel(module, device):
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
-def train_run(run, stage, labels, s, device, fid_meter, out):
-    """Train one run for s.steps (with --resume, from its checkpoint on); evaluate FID at s.evals
+def train_run(run, stage, labels, args, device, fid_meter, out):
+    """Train one run for args.steps (with --resume, from its checkpoint on); evaluate FID at args.evals
     checkpoints. Returns its record. Under torchrun, every rank runs this; rank 0 saves."""
     rank, world = rank_and_world()
-    model, projector = build(s, run, device)
+    model, projector = build(args, run, device)
     ema = sra2.create_ema(model)
     sit_params = [p for p in model.parameters() if p.requires_grad]
     params = sit_params + list(projector.parameters() if projector else [])
-    opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=device.type == "cuda")
     # Clipping: SiT and P as one vector (REPA), so a large alignment gradient also shrinks the
     # denoising update; each on its own; or none (the norm is still measured and logged).
-    groups = [g for g in ([sit_params, params[len(sit_params):]] if s.clip == "separate" else [params]) if g]
-    limit = s.grad_clip if s.clip != "none" else math.inf
+    groups = [g for g in ([sit_params, params[len(sit_params):]] if args.clip == "separate" else [params]) if g]
+    limit = args.grad_clip if args.clip != "none" else math.inf
 
-    rec = dict(name=run.name, label=run.label, seed=s.seed, settings=run.settings, log=[], evals=[], heldout=[],
+    rec = dict(name=run.name, label=run.label, seed=args.seed, settings=run.settings, log=[], evals=[], heldout=[],
                params=sum(p.numel() for p in model.parameters()),
                projector_params=sum(p.numel() for p in projector.parameters()) if projector else 0)
-    path, start = ckpt_path(s, out, run), 0
-    if s.resume and path.is_file():                                    # checked by check_checkpoints
-        start, rec = restore(load_checkpoint(path, s, run), model, ema, projector, opt)
+    path, start = ckpt_path(args, out, run), 0
+    if args.resume and path.is_file():                                    # checked by check_checkpoints
+        start, rec = restore(load_checkpoint(path, args, run), model, ema, projector, opt)
         say(f"{run.label}: " + ("finished; its record is reused" if "final_fid" in rec else f"resumed at step {start}")
             + f" ({path})")
         if "final_fid" in rec:
             return rec
     net, proj = data_parallel(model, device), data_parallel(projector, device)
-    forward = torch.compile(net) if s.compile else net
+    forward = torch.compile(net) if args.compile else net
     latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
     patch = model.config.patch_size
-    eval_steps = {round(s.steps * (i + 1) / s.evals) for i in range(s.evals)}
-    heldout_steps = {round(s.steps * (i + 1) / s.heldout_evals) for i in range(s.heldout_evals)}
+    eval_steps = {round(args.steps * (i + 1) / args.evals) for i in range(args.evals)}
+    heldout_steps = {round(args.steps * (i + 1) / args.heldout_evals) for i in range(args.heldout_evals)}
     generator, mine = torch.Generator(device), slice(rank, None, world)   # this rank's share of a global batch
     sums, first_bad = torch.zeros(5, device=device), torch.zeros((), dtype=torch.long, device=device)
     wall, last_log, saved, last_ckpt = rec.get("wall", 0.0), start, start or None, time.perf_counter()
-    bar, tic = Progress(f"stage 2: {run.label}", s.steps), time.perf_counter()
-    for step in range(start + 1, s.steps + 1):
-        idx, flip = batch_indices(step - 1, len(labels), s.batch_size, s.seed, device)
-        t, eps, drop = step_noise(generator, s.seed, step, (s.batch_size, *latents.shape[2:]),
+    bar, tic = Progress(f"stage 2: {run.label}", args.steps), time.perf_counter()
+    for step in range(start + 1, args.steps + 1):
+        idx, flip = batch_indices(step - 1, len(labels), args.batch_size, args.seed, device)
+        t, eps, drop = step_noise(generator, args.seed, step, (args.batch_size, *latents.shape[2:]),
                                   model.config.class_dropout_prob)
         idx, flip, t, eps, drop = idx[mine], flip[mine], t[mine], eps[mine], drop[mine]
         z, y = latents[flip, idx], labels[idx]                         # (B/world, C, 16, 16), (B/world,)
@@ -810,15 +810,15 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
         norms = torch.stack([torch.nn.utils.clip_grad_norm_(g, limit) for g in groups])   # before clipping
         grad_norm = norms.square().sum().sqrt()                        # of SiT and P together
         opt.step()
-        sra2.update_ema(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up
+        sra2.update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up
         terms = torch.stack([parts["loss"], parts["denoise"], parts["align"], grad_norm]).detach()
-        sums += torch.cat([terms, (norms > s.grad_clip).any().float()[None]])  # last: steps above the clip
+        sums += torch.cat([terms, (norms > args.grad_clip).any().float()[None]])  # last: steps above the clip
         first_bad = torch.where((first_bad == 0) & ~terms.isfinite().all(), step, first_bad)   # no host sync
         if step == start + 1:                      # compile and CUDA start-up: not train time, in both runs
             sync_time(device, tic)
             tic = time.perf_counter()
-        ckpt_due = s.ckpt_every > 0 and step % s.ckpt_every == 0
-        if step % s.log_every == 0 or step in eval_steps | heldout_steps or ckpt_due:   # one host sync a line
+        ckpt_due = args.ckpt_every > 0 and step % args.ckpt_every == 0
+        if step % args.log_every == 0 or step in eval_steps | heldout_steps or ckpt_due:   # one host sync a line
             if world > 1:                                              # the global batch's numbers, on every rank
                 dist.all_reduce(sums)
                 dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
@@ -838,27 +838,27 @@ def train_run(run, stage, labels, s, device, fid_meter, out):
                 rec["heldout_seconds"] = rec.get("heldout_seconds", 0.0) + sync_time(device, tic)
             if step in eval_steps:
                 bar.close()
-                evaluate(ema, stage, s, device, fid_meter, rec, step, wall, run.label)
-            if rank == 0 and (ckpt_due or 0 < s.ckpt_minutes < (time.perf_counter() - last_ckpt) / 60):
-                save_checkpoint(path, model, ema, projector, opt, step, s, run, rec | dict(wall=wall))
+                evaluate(ema, stage, args, device, fid_meter, rec, step, wall, run.label)
+            if rank == 0 and (ckpt_due or 0 < args.ckpt_minutes < (time.perf_counter() - last_ckpt) / 60):
+                save_checkpoint(path, model, ema, projector, opt, step, args, run, rec | dict(wall=wall))
                 saved, last_ckpt = step, time.perf_counter()
             tic = time.perf_counter()                                  # evals and saves don't count
     bar.close()
     rec.update(final_fid=None, wall=wall)                              # the key marks a finished run
-    if s.final_fid_n:
-        images = generate(ema, stage, s.final_fid_n, s.final_sampling_steps, s, device, f"{run.label} final")
+    if args.final_fid_n:
+        images = generate(ema, stage, args.final_fid_n, args.final_sampling_steps, args, device, f"{run.label} final")
         rec.update(final_fid=from_rank0(fid_meter, images), final_grid=images[:100])
-    if rank == 0 and (s.ckpt_minutes > 0 or s.ckpt_every > 0):        # the finished run, record included
-        save_checkpoint(path, model, ema, projector, opt, s.steps, s, run, rec)
+    if rank == 0 and (args.ckpt_minutes > 0 or args.ckpt_every > 0):        # the finished run, record included
+        save_checkpoint(path, model, ema, projector, opt, args.steps, args, run, rec)
     return rec
 
 
-def evaluate(ema, stage, s, device, fid_meter, rec, step, wall, label):
-    """A checkpoint of the FID curve: s.fid_n samples of the EMA model, their FID and grid."""
-    images = generate(ema, stage, s.fid_n, s.fid_sampling_steps, s, device, f"{label} @ {step}")
+def evaluate(ema, stage, args, device, fid_meter, rec, step, wall, label):
+    """A checkpoint of the FID curve: args.fid_n samples of the EMA model, their FID and grid."""
+    images = generate(ema, stage, args.fid_n, args.fid_sampling_steps, args, device, f"{label} @ {step}")
     rec["evals"].append(dict(step=step, wall=wall, fid=from_rank0(fid_meter, images)))
     rec.setdefault("grids", {})[step] = images[:100]
-    say(f"  {label} step {step}: {s.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
+    say(f"  {label} step {step}: {args.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
         f"(train time {fmt_time(wall)}, {step / wall:.1f} it/s)")
 
 
@@ -896,17 +896,17 @@ RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compil
                "ckpt_every", "argv", "seed", "seeds", "quick", "ablate", "ckpt_fid", "final_fid"}
 
 
-def ckpt_path(s, out, run):
+def ckpt_path(args, out, run):
     """out/ckpt/<run>.pt; with several seeds, <run>-seed<k>.pt (each seed's run is its own)."""
-    return Path(out) / "ckpt" / (f"{run.name}.pt" if len(s.seeds) == 1 else f"{run.name}-seed{s.seed}.pt")
+    return Path(out) / "ckpt" / (f"{run.name}.pt" if len(args.seeds) == 1 else f"{run.name}-seed{args.seed}.pt")
 
 
-def save_checkpoint(path, model, ema, projector, opt, step, s, run, rec):
+def save_checkpoint(path, model, ema, projector, opt, step, args, run, rec):
     """Everything a resume needs, as plain tensors and Python values (torch.load(weights_only=True)):
     weights, optimizer, RNG states, and the run's record so far (losses, FIDs, grids, wall time).
     The data position is `step` itself (see batch_indices and step_noise). Saved right after a
     log line, so the loss accumulator is empty."""
-    state = dict(format=CKPT_FORMAT, step=step, settings=vars(s), run=vars(run),
+    state = dict(format=CKPT_FORMAT, step=step, settings=vars(args), run=vars(run),
                  model=model.state_dict(), ema=ema.state_dict(),
                  projector=projector.state_dict() if projector is not None else {},
                  optimizer=opt.state_dict(),
@@ -916,7 +916,7 @@ def save_checkpoint(path, model, ema, projector, opt, step, s, run, rec):
     atomic_save(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, s, run, mmap=False):
+def load_checkpoint(path, args, run, mmap=False):
     """The checkpoint at `path`, checked to be this run's, else one clear line. torch.load with
     weights_only=True runs no code from the file; nothing is written or moved here."""
     fix = "nothing was changed; move it away to start this run over"
@@ -929,16 +929,16 @@ def load_checkpoint(path, s, run, mmap=False):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT or not CKPT_KEYS <= set(ckpt):
         raise DemoError(f"--resume: {path} is not a {CKPT_FORMAT} checkpoint; {fix}")
     show = lambda value: json.dumps(value, sort_keys=True, default=str)
-    then, now = ckpt["settings"], vars(s)
+    then, now = ckpt["settings"], vars(args)
     changed = [k for k in sorted(set(then) | set(now))
                if k not in RESUME_FREE and show(then.get(k)) != show(now.get(k))]
-    changed += ["seed"] if ckpt["record"].get("seed") != s.seed else []
+    changed += ["seed"] if ckpt["record"].get("seed") != args.seed else []
     changed += ["run"] if show(ckpt["run"]) != show(vars(run)) else []
     if changed:
         name = lambda k: ({"data_id": "the training data", "run": "the run's SRA 2 settings"}
                           .get(k, "--" + k.replace("_", "-")))
         diffs = "; ".join(f"{name(k)}: {show(then.get(k, ckpt['record'].get(k)))} there, "
-                          f"{show(now.get(k, getattr(s, k, None)))} now" for k in changed[:3])
+                          f"{show(now.get(k, getattr(args, k, None)))} now" for k in changed[:3])
         raise DemoError(f"--resume: {path} is from another run ({diffs}); {fix}, or resume with its settings")
     return ckpt
 
@@ -956,18 +956,18 @@ def restore(ckpt, model, ema, projector, opt):
     return ckpt["step"], ckpt["record"]
 
 
-def check_checkpoints(s, runs, out):
+def check_checkpoints(args, runs, out):
     """Before any work. --resume: every checkpoint there must be readable and this run's.
     Without it: an unfinished run's checkpoint is never overwritten by a fresh start."""
     found = []
-    for seed in s.seeds:
-        s.seed = seed
+    for seed in args.seeds:
+        args.seed = seed
         for _, _, run in runs:
-            path = ckpt_path(s, out, run)
+            path = ckpt_path(args, out, run)
             if not path.is_file():
                 continue
-            if s.resume:
-                found.append(load_checkpoint(path, s, run, mmap=True)["step"])
+            if args.resume:
+                found.append(load_checkpoint(path, args, run, mmap=True)["step"])
                 continue
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -978,8 +978,8 @@ def check_checkpoints(s, runs, out):
                 raise DemoError(f"{path} holds an unfinished run (step {ckpt['step']} of "
                                 f"{ckpt['settings'].get('steps')}): pass --resume to continue it, or move it "
                                 "away to start over")
-    s.seed = s.seeds[0]
-    if s.resume and not found:
+    args.seed = args.seeds[0]
+    if args.resume and not found:
         say(f"--resume: no checkpoint in {Path(out) / 'ckpt'}; starting from scratch")
 
 
@@ -1128,11 +1128,11 @@ def reach(xs, fids, target):
     return xa + (xb - xa) * (fa - target) / (fa - fb), True
 
 
-def speedup_lines(base, sra, s):
+def speedup_lines(base, sra, args):
     """The headline: the fraction of steps and of wall time SRA 2 needs for the baseline's final FID."""
     steps, sra_fid = [e["step"] for e in base["evals"]], [e["fid"] for e in sra["evals"]]
     target = base["evals"][-1]["fid"]
-    head = (f"speed-up ({s.ckpt_fid} curve, seed {base['seed']}): the baseline ends at FID {target:.2f} "
+    head = (f"speed-up ({args.ckpt_fid} curve, seed {base['seed']}): the baseline ends at FID {target:.2f} "
             f"after {steps[-1]} steps;")
     x, exact = reach(steps, sra_fid, target)
     if x is None:
@@ -1183,10 +1183,10 @@ def fmt_params(n):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_run(s, name, label, align, **changes):
-    run = SimpleNamespace(name=name, label=label, align=align, align_depth=s.align_depth,
-                          align_loss=s.align_loss, lam=s.lam, t_range=tuple(s.t_range), mlp_depth=s.mlp_depth,
-                          mlp_width=s.mlp_width, target_scale=s.target_scale)
+def make_run(args, name, label, align, **changes):
+    run = SimpleNamespace(name=name, label=label, align=align, align_depth=args.align_depth,
+                          align_loss=args.align_loss, lam=args.lam, t_range=tuple(args.t_range), mlp_depth=args.mlp_depth,
+                          mlp_width=args.mlp_width, target_scale=args.target_scale)
     vars(run).update(changes)
     width = f"width {run.mlp_width}" if run.mlp_width else "width 2D"
     scale = f", target x {run.target_scale:g}" if run.target_scale != 1 else ""
@@ -1196,12 +1196,12 @@ def make_run(s, name, label, align, **changes):
     return run
 
 
-def ablation_runs(s, depth):
+def ablation_runs(args, depth):
     """(group, setting, run) rows of Table 1; the default SRA 2 run appears once per group."""
-    d0 = s.align_depth
+    d0 = args.align_depth
     deeper = sorted({min(depth, max(d0 + 1, depth // 2)), min(depth, max(d0 + 2, 2 * depth // 3))} - {d0})
-    rows = [("", "vanilla SiT", make_run(s, "vanilla", "vanilla SiT", False))]
-    default = make_run(s, "sra2", "SRA 2 (default)", True)
+    rows = [("", "vanilla SiT", make_run(args, "vanilla", "vanilla SiT", False))]
+    default = make_run(args, "sra2", "SRA 2 (default)", True)
     groups = [("align depth", [(f"{d0}", {})] + [(f"{d}", dict(align_depth=d)) for d in deeper]),
               ("time range", [("[0, 1]", {}), ("[0, 0.5]", dict(t_range=(0.0, 0.5))),
                               ("[0.5, 1]", dict(t_range=(0.5, 1.0)))]),
@@ -1213,7 +1213,7 @@ def ablation_runs(s, depth):
         for setting, change in options:
             slug = "sra2_" + "".join(c if c.isalnum() else "-" for c in f"{group}_{setting}")
             rows.append((group, setting, default if not change else
-                         make_run(s, slug, f"SRA 2, {group} {setting}", True, **change)))
+                         make_run(args, slug, f"SRA 2, {group} {setting}", True, **change)))
     return rows
 
 
@@ -1323,62 +1323,62 @@ FLAG_RULES = {
 }
 
 
-def check(s):
+def check(args):
     """Every impossible setting, before any work, as one line each."""
     try:
-        s.seeds = [int(v) for v in str(s.seed).split(",")]
+        args.seeds = [int(v) for v in str(args.seed).split(",")]
     except ValueError:
-        raise DemoError(f"--seed {s.seed!r}: need an integer or comma-separated integers") from None
-    if len(set(s.seeds)) < len(s.seeds) or not all(0 <= seed < 2**31 for seed in s.seeds):
-        raise DemoError(f"--seed {s.seed!r}: need distinct seeds in 0..{2**31 - 1}")
-    s.seed = s.seeds[0]
+        raise DemoError(f"--seed {args.seed!r}: need an integer or comma-separated integers") from None
+    if len(set(args.seeds)) < len(args.seeds) or not all(0 <= seed < 2**31 for seed in args.seeds):
+        raise DemoError(f"--seed {args.seed!r}: need distinct seeds in 0..{2**31 - 1}")
+    args.seed = args.seeds[0]
     for name, (ok, need) in FLAG_RULES.items():
-        value = getattr(s, name)
-        if value is None or (name == "heldout_n" and not s.heldout_evals):
+        value = getattr(args, name)
+        if value is None or (name == "heldout_n" and not args.heldout_evals):
             continue
         if not all(map(math.isfinite, np.atleast_1d(value))):
             raise DemoError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if not ok(value):
             shown = " ".join(f"{v:g}" for v in np.atleast_1d(value))
             raise DemoError(f"--{name.replace('_', '-')} must be {need}, got {shown}")
-    wanted = s.runs.split(",") if isinstance(s.runs, str) else list(s.runs)
+    wanted = args.runs.split(",") if isinstance(args.runs, str) else list(args.runs)
     if not wanted or not set(wanted) <= {"baseline", "sra2"} or len(set(wanted)) < len(wanted):
-        raise DemoError(f"--runs {s.runs!r}: need baseline, sra2 or baseline,sra2")
-    s.runs = wanted
+        raise DemoError(f"--runs {args.runs!r}: need baseline, sra2 or baseline,sra2")
+    args.runs = wanted
     world = int(os.environ.get("WORLD_SIZE", "1"))                    # set by torchrun
-    if s.batch_size % world:
-        raise DemoError(f"--batch-size {s.batch_size} does not split evenly over {world} processes "
+    if args.batch_size % world:
+        raise DemoError(f"--batch-size {args.batch_size} does not split evenly over {world} processes "
                         "(the global batch is shared out across torchrun's ranks)")
-    if s.vae_width % 8:
-        raise DemoError(f"--vae-width must be a multiple of 8 (GroupNorm groups), got {s.vae_width}")
-    if max(s.evals, s.heldout_evals) > s.steps:
-        raise DemoError(f"--evals {s.evals} / --heldout-evals {s.heldout_evals}: more than --steps {s.steps}")
-    _, _, config = model_config(s)
-    s.align_depth = s.align_depth if s.align_depth is not None else config.align_depth
-    s.ckpt_fid = fid_name(s.fid_n, s.fid_sampling_steps)
-    s.final_fid = fid_name(s.final_fid_n, s.final_sampling_steps)
-    if not 1 <= s.align_depth <= config.depth:
-        raise DemoError(f"--align-depth {s.align_depth} is beyond {s.model}'s {config.depth} blocks "
+    if args.vae_width % 8:
+        raise DemoError(f"--vae-width must be a multiple of 8 (GroupNorm groups), got {args.vae_width}")
+    if max(args.evals, args.heldout_evals) > args.steps:
+        raise DemoError(f"--evals {args.evals} / --heldout-evals {args.heldout_evals}: more than --steps {args.steps}")
+    _, _, config = model_config(args)
+    args.align_depth = args.align_depth if args.align_depth is not None else config.align_depth
+    args.ckpt_fid = fid_name(args.fid_n, args.fid_sampling_steps)
+    args.final_fid = fid_name(args.final_fid_n, args.final_sampling_steps)
+    if not 1 <= args.align_depth <= config.depth:
+        raise DemoError(f"--align-depth {args.align_depth} is beyond {args.model}'s {config.depth} blocks "
                         f"(choose 1..{config.depth})")
 
 
-def describe(s):
+def describe(args):
     """The settings that make the run what it is, in one line (printed first)."""
-    fid = (f"{s.ckpt_fid} at {s.evals} checkpoints" if s.evals else "no FID checkpoints") + \
-        (f", {s.final_fid} at the end" if s.final_fid_n else "")
-    heldout = (f"held-out loss on {s.heldout_n} test images at {s.heldout_evals} checkpoints"
-               if s.heldout_evals else "no held-out loss")
-    return (f"preset {s.preset}: {s.model}, {s.steps} steps of batch {s.batch_size}, lr {s.lr:g}, "
-            f"{s.clip} clip {s.grad_clip:g}, seeds {s.seeds}, {', '.join(s.runs)}; {heldout}; {fid}")
+    fid = (f"{args.ckpt_fid} at {args.evals} checkpoints" if args.evals else "no FID checkpoints") + \
+        (f", {args.final_fid} at the end" if args.final_fid_n else "")
+    heldout = (f"held-out loss on {args.heldout_n} test images at {args.heldout_evals} checkpoints"
+               if args.heldout_evals else "no held-out loss")
+    return (f"preset {args.preset}: {args.model}, {args.steps} steps of batch {args.batch_size}, lr {args.lr:g}, "
+            f"{args.clip} clip {args.grad_clip:g}, seeds {args.seeds}, {', '.join(args.runs)}; {heldout}; {fid}")
 
 
-def setup(s):
+def setup(args):
     """Device, precision flags, output folder and log."""
     global LOG_FILE
     try:
-        device = sra2.pick_device(s.device)
+        device = sra2.pick_device(args.device)
     except (ValueError, RuntimeError) as error:
-        raise DemoError(f"--device {s.device}: {error}") from None
+        raise DemoError(f"--device {args.device}: {error}") from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():    # started by torchrun
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
@@ -1386,25 +1386,25 @@ def setup(s):
         elif device.type != "cpu":
             raise DemoError(f"torchrun on {device.type}: use CUDA (NCCL) or --device cpu (gloo)")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if s.threads is not None and device.type == "cpu":
+    if args.threads is not None and device.type == "cpu":
         # One thread for the quick preset: its ops are small, and OpenMP threads spin-wait for
         # each other, so on a busy machine 2 threads ran it 5x slower than 1 (239 s vs 51 s).
-        torch.set_num_threads(s.threads)
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")                   # TF32 for fp32 matmuls outside
         torch.backends.cudnn.benchmark = True                          # autocast (cuDNN convs: TF32 by default)
-    out = Path(s.out)
+    out = Path(args.out)
     try:
         if rank_and_world()[0] == 0:                                   # the other ranks write nothing
             out.mkdir(parents=True, exist_ok=True)
-        Path(s.cache).mkdir(parents=True, exist_ok=True)
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DemoError(f"cannot create --out/--cache folder ({error})") from None
     rank, world = rank_and_world()
     if rank == 0:                                                      # only rank 0 writes files
         LOG_FILE = out / "log.txt"
         with open(LOG_FILE, "a") as f:                                 # each run's log starts with its command
-            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py {' '.join(s.argv)}\n")
+            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py {' '.join(args.argv)}\n")
     card = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     card += f" x {world} processes (DDP)" if world > 1 else ""
@@ -1417,12 +1417,12 @@ def setup(s):
 
 
 def main(argv=None):
-    s = parse_args(argv)
+    args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        check(s)
-        device, out, card = setup(s)
-        records = demo(s, device, out, card)
+        check(args)
+        device, out, card = setup(args)
+        records = demo(args, device, out, card)
         if dist.is_initialized():
             dist.barrier()                                             # no rank tears down while another talks
         return records
@@ -1438,133 +1438,133 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def demo(s, device, out, card):
+def demo(args, device, out, card):
     t_start = time.perf_counter()
-    quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if s.quick else None
-    images, labels, data_desc, data_id = rank0_first(load_data, s)    # rank 0 downloads
-    s.data_id = data_id                                                # a resumed run must see the same data
-    s.fid_ref_n = min(s.fid_ref_n, len(labels))                        # what the reference really holds; on
+    quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if args.quick else None
+    images, labels, data_desc, data_id = rank0_first(load_data, args)    # rank 0 downloads
+    args.data_id = data_id                                                # a resumed run must see the same data
+    args.fid_ref_n = min(args.fid_ref_n, len(labels))                        # what the reference really holds; on
                                                                        # every rank, before checkpoints compare it
-    if s.batch_size > len(labels):
-        raise DemoError(f"--batch-size {s.batch_size} is more than the {len(labels)} training images")
-    _, _, config = model_config(s)
-    runs = ([row for row in ablation_runs(s, config.depth)] if s.ablate else
-            [row for row in [("", "baseline", make_run(s, "baseline", f"{s.model}", False)),
-                             ("", "SRA 2", make_run(s, "sra2", f"{s.model} + SRA 2", True))]
-             if row[2].name in s.runs])
-    check_checkpoints(s, runs, out)                                    # before any work or any write
-    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""), describe(s))
-    if device.type == "cpu" and s.preset == "full":
+    if args.batch_size > len(labels):
+        raise DemoError(f"--batch-size {args.batch_size} is more than the {len(labels)} training images")
+    _, _, config = model_config(args)
+    runs = ([row for row in ablation_runs(args, config.depth)] if args.ablate else
+            [row for row in [("", "baseline", make_run(args, "baseline", f"{args.model}", False)),
+                             ("", "SRA 2", make_run(args, "sra2", f"{args.model} + SRA 2", True))]
+             if row[2].name in args.runs])
+    check_checkpoints(args, runs, out)                                    # before any work or any write
+    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""), describe(args))
+    if device.type == "cpu" and args.preset == "full":
         say("note: no GPU in use: the full demo on a CPU takes many hours; --preset cpu is made for two cores")
     # FID on rank 0 only; it fails early without weights.
-    uses_fid = s.evals > 0 or s.final_fid_n > 0
-    fid_meter = FIDMeter(s, images, data_id, device) if rank_and_world()[0] == 0 and uses_fid else None
-    stage = rank0_first(stage1, images, data_id, s, device)            # rank 0 trains, the others read
-    stage.heldout = heldout_set(s, stage, device) if s.heldout_evals else None
+    uses_fid = args.evals > 0 or args.final_fid_n > 0
+    fid_meter = FIDMeter(args, images, data_id, device) if rank_and_world()[0] == 0 and uses_fid else None
+    stage = rank0_first(stage1, images, data_id, args, device)            # rank 0 trains, the others read
+    stage.heldout = heldout_set(args, stage, device) if args.heldout_evals else None
 
     # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind this decoder.
-    n_floor = max(s.fid_n if s.evals else 2, s.final_fid_n, min(50, len(images)))
-    recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(s.sample_batch)])
-    floor = dict(ckpt=from_rank0(fid_meter, recon[:s.fid_n]) if s.evals else None,
-                 final=from_rank0(fid_meter, recon[:s.final_fid_n]) if s.final_fid_n else None)
+    n_floor = max(args.fid_n if args.evals else 2, args.final_fid_n, min(50, len(images)))
+    recon = torch.cat([decode(stage, z.to(device)) for z in stage.latents[0, :n_floor].split(args.sample_batch)])
+    floor = dict(ckpt=from_rank0(fid_meter, recon[:args.fid_n]) if args.evals else None,
+                 final=from_rank0(fid_meter, recon[:args.final_fid_n]) if args.final_fid_n else None)
     n_show = min(50, len(recon))
     if rank_and_world()[0] == 0:
         panels(out / "vae_reconstructions.png",
                [("real", images[:n_show]), ("VAE reconstruction", recon[:n_show].numpy())],
-               f"stage 1: VAE 32x32x3 -> 16x16x{s.latent_channels} -> 32x32x3")
+               f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3")
     if uses_fid:
-        say(f"VAE reconstruction floor: {s.ckpt_fid} {fmt_fid(floor['ckpt'])}, {s.final_fid} {fmt_fid(floor['final'])}")
+        say(f"VAE reconstruction floor: {args.ckpt_fid} {fmt_fid(floor['ckpt'])}, {args.final_fid} {fmt_fid(floor['final'])}")
 
     records = {}                                                       # (run name, seed) -> record
-    for seed in s.seeds:
-        s.seed = seed
+    for seed in args.seeds:
+        args.seed = seed
         for _, _, run in runs:
             if (run.name, seed) not in records:
-                records[run.name, seed] = train_run(run, stage, labels, s, device, fid_meter, out)
-    s.seed = s.seeds[0]
+                records[run.name, seed] = train_run(run, stage, labels, args, device, fid_meter, out)
+    args.seed = args.seeds[0]
     if rank_and_world()[0] == 0:                                       # only rank 0 writes
-        report(s, runs, records, floor, stage, out, card, data_desc, quick, time.perf_counter() - t_start)
+        report(args, runs, records, floor, stage, out, card, data_desc, quick, time.perf_counter() - t_start)
     return records
 
 
-def report(s, runs, records, floor, stage, out, card, data_desc, quick, total_seconds):
+def report(args, runs, records, floor, stage, out, card, data_desc, quick, total_seconds):
     """Print and save the tables (table.txt), every number (results.json) and the pictures."""
     lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}"] + ([quick] if quick else [])
     lines += [f"data: {data_desc}",
-              f"stage 2: {s.model}, {s.steps} steps, batch {s.batch_size}, AdamW lr {s.lr:g}, "
-              f"grad clip {s.grad_clip:g}, EMA warm-up capped at {s.ema_decay:g}, seeds {s.seeds}, compile {s.compile}",
-              f"SRA 2: {make_run(s, 'sra2', '', True).settings}" + (" (the default; Table 1 varies it)" if s.ablate else ""),
-              f"stage 1: VAE width {s.vae_width}, {s.latent_channels} latent channels, KL {s.vae_kl:g}, "
-              f"{s.vae_steps} steps of batch {s.vae_batch}, lr {s.vae_lr:g}",
-              f"protocol: checkpoints FID-{s.fid_n} ({s.fid_sampling_steps}-step SDE), final FID-{s.final_fid_n} "
-              f"({s.final_sampling_steps}-step SDE), EMA weights, no CFG, vs {s.fid_ref_n} training images, "
+              f"stage 2: {args.model}, {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g}, "
+              f"grad clip {args.grad_clip:g}, EMA warm-up capped at {args.ema_decay:g}, seeds {args.seeds}, compile {args.compile}",
+              f"SRA 2: {make_run(args, 'sra2', '', True).settings}" + (" (the default; Table 1 varies it)" if args.ablate else ""),
+              f"stage 1: VAE width {args.vae_width}, {args.latent_channels} latent channels, KL {args.vae_kl:g}, "
+              f"{args.vae_steps} steps of batch {args.vae_batch}, lr {args.vae_lr:g}",
+              f"protocol: checkpoints FID-{args.fid_n} ({args.fid_sampling_steps}-step SDE), final FID-{args.final_fid_n} "
+              f"({args.final_sampling_steps}-step SDE), EMA weights, no CFG, vs {args.fid_ref_n} training images, "
               f"tf convention", ""]
     speedups = {}                                                      # seed -> fraction of steps, or None
-    if s.ablate:
-        lines += table1_lines(s, runs, records)
+    if args.ablate:
+        lines += table1_lines(args, runs, records)
     else:
         names = [run.name for _, _, run in runs]
-        lines += table2_lines(s, records, names, floor)
-        for seed in s.seeds:
-            if s.heldout_evals:
-                lines += ["", f"held-out loss (denoising term on {s.heldout_n} test images, fixed t grid and noise, "
+        lines += table2_lines(args, records, names, floor)
+        for seed in args.seeds:
+            if args.heldout_evals:
+                lines += ["", f"held-out loss (denoising term on {args.heldout_n} test images, fixed t grid and noise, "
                               f"EMA weights), seed {seed}"] + heldout_table([records[n, seed] for n in names])
-        if s.heldout_evals and len(s.seeds) > 1:
-            lines += ["", f"held-out loss, mean over seeds {s.seeds}"]
-            lines += heldout_table([mean_heldout([records[n, x] for x in s.seeds]) for n in names])
+        if args.heldout_evals and len(args.seeds) > 1:
+            lines += ["", f"held-out loss, mean over seeds {args.seeds}"]
+            lines += heldout_table([mean_heldout([records[n, x] for x in args.seeds]) for n in names])
         base_name, sra_name = "baseline", "sra2"
-        for seed in s.seeds if names == [base_name, sra_name] else []:
+        for seed in args.seeds if names == [base_name, sra_name] else []:
             base, sra = records[base_name, seed], records[sra_name, seed]
             lines += ["", f"  time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% against the "
                           f"baseline, seed {seed} (the first step of each run, compile and start-up, is not timed)",
-                             f"  gradient norm above the clip {s.grad_clip:g} ({s.clip} clipping): baseline "
-                             f"{base.get('clipped', 0)}, SRA 2 {sra.get('clipped', 0)} of {s.steps} steps"]
-            if not s.evals:
+                             f"  gradient norm above the clip {args.grad_clip:g} ({args.clip} clipping): baseline "
+                             f"{base.get('clipped', 0)}, SRA 2 {sra.get('clipped', 0)} of {args.steps} steps"]
+            if not args.evals:
                 continue
-            lines += ["", f"{s.ckpt_fid} at the checkpoints, seed {seed}"]
+            lines += ["", f"{args.ckpt_fid} at the checkpoints, seed {seed}"]
             lines += table(["step", "baseline FID", "train time", "SRA 2 FID", "train time"],
                            [[b["step"], f"{b['fid']:.2f}", fmt_time(b["wall"]), f"{a['fid']:.2f}", fmt_time(a["wall"])]
                             for b, a in zip(base["evals"], sra["evals"])])
-            text, speedups[seed] = speedup_lines(base, sra, s)
+            text, speedups[seed] = speedup_lines(base, sra, args)
             lines += [""] + text
-        if len(s.seeds) > 1 and s.evals and names == [base_name, sra_name]:   # a claim needs two seeds
-            text, speedups["mean"] = speedup_lines(*(mean_record([records[name, x] for x in s.seeds])
-                                                     for name in (base_name, sra_name)), s)
+        if len(args.seeds) > 1 and args.evals and names == [base_name, sra_name]:   # a claim needs two seeds
+            text, speedups["mean"] = speedup_lines(*(mean_record([records[name, x] for x in args.seeds])
+                                                     for name in (base_name, sra_name)), args)
             lines += [""] + text
-        pictures(s, records, names, out, quick)
+        pictures(args, records, names, out, quick)
     lines += ["", f"total wall time {fmt_time(total_seconds)} (stage 1 took {fmt_time(stage.seconds)} when "
                   "it was not cached)"]
     say("", *lines)
     (out / "table.txt").write_text("\n".join(lines) + "\n")
     runs_json = [{k: v for k, v in r.items() if k not in ("grids", "final_grid")} for r in records.values()]
-    results = dict(settings=vars(s), card=card, machine=machine(), data=data_desc, floor=floor,
+    results = dict(settings=vars(args), card=card, machine=machine(), data=data_desc, floor=floor,
                    total_seconds=total_seconds, step_fraction_to_baseline_fid=speedups, runs=runs_json)
     atomic_save(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=str)))
 
 
-def table2_lines(s, records, names, floor):
+def table2_lines(args, records, names, floor):
     """Table 2 of the paper in miniature: one row per run and seed, means, and the decoder's floor."""
     rows, last_fid = [], lambda r: r["evals"][-1]["fid"] if r["evals"] else None
-    for seed in s.seeds:
+    for seed in args.seeds:
         for r in (records[name, seed] for name in names):
             aligned = r["projector_params"] > 0
-            rows.append([f"+ SRA 2 (block {s.align_depth})" if aligned else r["label"],
+            rows.append([f"+ SRA 2 (block {args.align_depth})" if aligned else r["label"],
                          fmt_params(r["params"]) + (f" + {fmt_params(r['projector_params'])} P" if aligned else ""),
-                         fmt_steps(s.steps), seed, fmt_time(r["wall"]), f"{r['log'][-1]['denoise']:.4f}",
+                         fmt_steps(args.steps), seed, fmt_time(r["wall"]), f"{r['log'][-1]['denoise']:.4f}",
                          f"{r['log'][-1]['align']:.4f}" if aligned else "-",
                          fmt_fid(last_fid(r)), fmt_fid(r["final_fid"])])
     mean_or_none = lambda values: None if None in values else mean(values)
-    if len(s.seeds) > 1:
+    if len(args.seeds) > 1:
         for name in names:
-            recs = [records[name, seed] for seed in s.seeds]
-            rows.append([f"{s.model if name == 'baseline' else '+ SRA 2'} (mean)", "", fmt_steps(s.steps), "all",
+            recs = [records[name, seed] for seed in args.seeds]
+            rows.append([f"{args.model if name == 'baseline' else '+ SRA 2'} (mean)", "", fmt_steps(args.steps), "all",
                          fmt_time(mean(r["wall"] for r in recs)), "", "",
                          fmt_fid(mean_or_none([last_fid(r) for r in recs])),
                          fmt_fid(mean_or_none([r["final_fid"] for r in recs]))])
     if floor["ckpt"] is not None or floor["final"] is not None:
         rows.append(["VAE reconstruction floor", "", "", "", "", "", "", fmt_fid(floor["ckpt"]), fmt_fid(floor["final"])])
     return (["Table 2 in miniature (no CFG; P is dropped at inference, so both sample with the same SiT)"] +
-            table(["model", "params", "iters", "seed", "train time", "denoise", "align", s.ckpt_fid, s.final_fid],
+            table(["model", "params", "iters", "seed", "train time", "denoise", "align", args.ckpt_fid, args.final_fid],
                   rows))
 
 
@@ -1589,34 +1589,34 @@ def mean_heldout(recs):
         for es in zip(*(r["heldout"] for r in recs))])
 
 
-def table1_lines(s, runs, records):
+def table1_lines(args, runs, records):
     """Table 1 of the paper in miniature: one row per design choice, averaged over the seeds."""
     rows = []
     for group, setting, run in runs:
-        recs = [records[run.name, seed] for seed in s.seeds]
-        rows.append([group, setting, f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}" if s.evals else "-",
+        recs = [records[run.name, seed] for seed in args.seeds]
+        rows.append([group, setting, f"{mean(r['evals'][-1]['fid'] for r in recs):.2f}" if args.evals else "-",
                      fmt_fid(None if None in [r["final_fid"] for r in recs] else mean(r["final_fid"] for r in recs)), f"{mean(r['log'][-1]['denoise'] for r in recs):.4f}",
                      f"{mean(r['log'][-1]['align'] for r in recs):.4f}" if run.align else "-",
-                     f"{s.steps / mean(r['wall'] for r in recs):.1f}"])
-    return ([f"Table 1 in miniature ({s.model}, {s.steps} steps, mean over seeds {s.seeds})"] +
-            table(["design", "setting", s.ckpt_fid, s.final_fid, "denoise", "align", "it/s"], rows))
+                     f"{args.steps / mean(r['wall'] for r in recs):.1f}"])
+    return ([f"Table 1 in miniature ({args.model}, {args.steps} steps, mean over seeds {args.seeds})"] +
+            table(["design", "setting", args.ckpt_fid, args.final_fid, "denoise", "align", "it/s"], rows))
 
 
-def pictures(s, records, names, out, quick):
+def pictures(args, records, names, out, quick):
     """FID vs steps and vs wall-clock, loss curves, held-out loss, and the matched sample grids of
     the first seed."""
-    tag = lambda r: r["label"] + (f" (seed {r['seed']})" if len(s.seeds) > 1 else "")
-    runs = [records[name, seed] for seed in s.seeds for name in names]
+    tag = lambda r: r["label"] + (f" (seed {r['seed']})" if len(args.seeds) > 1 else "")
+    runs = [records[name, seed] for seed in args.seeds for name in names]
     curve = lambda r, x, y, key="evals": [tag(r), [e[x] for e in r[key]], [e[y] for e in r[key]]]
-    title = f"{s.ckpt_fid} (SDE, EMA) of {s.model} on 16x16x{s.latent_channels} latents"
-    if s.evals:
+    title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on 16x16x{args.latent_channels} latents"
+    if args.evals:
         line_chart(out / "fid_vs_steps.png", [curve(r, "step", "fid") for r in runs], title,
                    "training steps", "FID (log scale)", logy=True, note=quick)
         line_chart(out / "fid_vs_time.png", [curve(r, "wall", "fid") for r in runs], title,
                    "training wall-clock (s, evaluations excluded)", "FID (log scale)", logy=True, note=quick)
-    if s.heldout_evals:
+    if args.heldout_evals:
         line_chart(out / "heldout_loss.png", [curve(r, "step", "loss", "heldout") for r in runs],
-                   f"held-out denoising loss, {s.heldout_n} test images (EMA)", "training steps",
+                   f"held-out denoising loss, {args.heldout_n} test images (EMA)", "training steps",
                    "loss (log scale)", logy=True, note=quick)
     losses = []
     for r in runs:
@@ -1625,22 +1625,22 @@ def pictures(s, records, names, out, quick):
         if r["projector_params"]:
             losses.append(curve(r, "step", "align", "log"))
             losses[-1][0] += ": align"
-    line_chart(out / "loss_curves.png", losses, f"training losses (mean over {s.log_every} steps)",
+    line_chart(out / "loss_curves.png", losses, f"training losses (mean over {args.log_every} steps)",
                "training steps", "loss (log scale)", logy=True, note=quick)
     if names != ["baseline", "sra2"]:
         return
-    base, sra = records["baseline", s.seeds[0]], records["sra2", s.seeds[0]]
+    base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]
     tail = f"  [{quick}]" if quick else ""
     for b, a in zip(base["evals"], sra["evals"]):
         panels(out / f"samples_step{b['step']:06d}.png",
-               [(f"baseline, {s.ckpt_fid} {b['fid']:.1f}", base["grids"][b["step"]].numpy()),
-                (f"SRA 2, {s.ckpt_fid} {a['fid']:.1f}", sra["grids"][a["step"]].numpy())],
+               [(f"baseline, {args.ckpt_fid} {b['fid']:.1f}", base["grids"][b["step"]].numpy()),
+                (f"SRA 2, {args.ckpt_fid} {a['fid']:.1f}", sra["grids"][a["step"]].numpy())],
                f"step {b['step']}: same noise, same labels (image i has class i % 10)" + tail)
-    if s.final_fid_n:
+    if args.final_fid_n:
         panels(out / "samples_final.png",
-               [(f"baseline, {s.final_fid} {base['final_fid']:.1f}", base["final_grid"].numpy()),
-                (f"SRA 2, {s.final_fid} {sra['final_fid']:.1f}", sra["final_grid"].numpy())],
-               f"step {s.steps}, {s.final_sampling_steps}-step SDE" + tail)
+               [(f"baseline, {args.final_fid} {base['final_fid']:.1f}", base["final_grid"].numpy()),
+                (f"SRA 2, {args.final_fid} {sra['final_fid']:.1f}", sra["final_grid"].numpy())],
+               f"step {args.steps}, {args.final_sampling_steps}-step SDE" + tail)
 
 
 if __name__ == "__main__":
