@@ -1473,7 +1473,9 @@ def demo(args, device, out, card):
                [("real", images[:n_show]), ("VAE reconstruction", recon[:n_show].numpy())],
                f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3")
     if uses_fid:
-        say(f"VAE reconstruction floor: {args.ckpt_fid} {fmt_fid(floor['ckpt'])}, {args.final_fid} {fmt_fid(floor['final'])}")
+        parts = [f"{name} {value:.2f}" for name, value in ((args.ckpt_fid, floor["ckpt"]),
+                                                           (args.final_fid, floor["final"])) if value is not None]
+        say("VAE reconstruction floor: " + ", ".join(parts))
 
     records = {}                                                       # (run name, seed) -> record
     for seed in args.seeds:
