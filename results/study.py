@@ -159,6 +159,8 @@ def study_text(records):
               "", "## Every run", "", "| job | held-out loss at the last step | train time | held-out cost | "
               "command |", "|---|---|---|---|---|"]
     for job, r in records.items():
+        if job in CONFIRM:
+            continue
         lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['train_seconds']:.0f} s | "
                      f"{100 * r['heldout_seconds'] / r['train_seconds']:.1f}% | `{r['command']}` |")
     lines += confirm_lines({k: r for k, r in records.items() if k in CONFIRM})
@@ -175,14 +177,17 @@ def confirm_lines(confirm):
              "| seed | step | held-out loss, baseline | SRA 2 | gap | FID-250, baseline | SRA 2 |", "|---|---|---|---|---|---|---|"]
     for r in confirm.values():
         base, sra = r["runs"]["baseline"], r["runs"]["sra2"]
-        fid = {e["step"]: (e["fid"], a["fid"]) for e, a in zip(base["fid"], sra["fid"])}
-        for b, a in zip(base["heldout"], sra["heldout"]):
-            f = fid.get(b["step"])
-            lines.append(f"| {r['seed']} | {b['step']} | {b['loss']:.4f} | {a['loss']:.4f} | "
-                         f"{100 * (a['loss'] / b['loss'] - 1):+.2f}% | " + (f"{f[0]:.1f} | {f[1]:.1f} |" if f else "| |"))
+        held = {b["step"]: (b["loss"], a["loss"]) for b, a in zip(base["heldout"], sra["heldout"])}
+        fid = {b["step"]: (b["fid"], a["fid"]) for b, a in zip(base["fid"], sra["fid"])}
+        for step in sorted(set(held) | set(fid)):
+            h, f = held.get(step), fid.get(step)
+            lines.append(f"| {r['seed']} | {step} | " +
+                         (f"{h[0]:.4f} | {h[1]:.4f} | {100 * (h[1] / h[0] - 1):+.2f}% | " if h else "| | | ") +
+                         (f"{f[0]:.1f} | {f[1]:.1f} |" if f else "| |"))
     lines += ["", "Wall time of one baseline + SRA 2 pair (warm stage-1 cache, FID reference included): " +
               ", ".join(f"seed {r['seed']}: {r['pair_seconds'] / 60:.1f} min" for r in confirm.values()) +
-              f" on {next(iter(confirm.values()))['card']}, one thread each, two pairs side by side."]
+              f" on {next(iter(confirm.values()))['card']}: one thread each, the two pairs side by side. FID "
+              "weights: the fp32 copy without fc, given by SRA2_INCEPTION_WEIGHTS."]
     return lines
 
 
@@ -215,7 +220,7 @@ def charts(records):
                            [sum(c) / len(c) for c in zip(*curves)], i))
             series += [(None, steps, c, i, True) for c in curves]
         if series:
-            tiny_demo.line_chart(HERE / f"confirm_{key}.png", series, f"{label} of the cpu preset "
+            tiny_demo.line_chart(HERE / f"confirm_{key}.png", series, f"{label}, cpu preset, SRA 2 with lambda 0.1 "
                                  "(2 CPU cores)", "training steps", label, logy=True)
 
 
