@@ -154,14 +154,18 @@ def study_text(records):
                      f"{cell('low')} | {cell('middle')} | {cell('high')} | {cell('loss', quarter)} | "
                      f"{mean([100 * (a['train_seconds'] / b['train_seconds'] - 1) for a, b in pairs]):+.1f}% | "
                      + ", ".join(f"{b['steps_above_clip']} / {a['steps_above_clip']}" for a, b in pairs) + " |")
-    lines += ["", "Gaps: mean over the seeds, each seed in brackets. *Train time against the baseline's, "
+    machine = next(iter(records.values()))["machine"]
+    lines += ["", f"Machine: {machine['processor']}, {machine['cpu_count']} cores, torch {machine['torch']}, "
+              f"python {machine['python']}.",
+              "", "Gaps: mean over the seeds, each seed in brackets. *Train time against the baseline's, "
               "measured while other jobs shared the 2 cores: a rough figure, not a benchmark.",
-              "", "## Every run", "", "| job | held-out loss at the last step | train time | held-out cost | "
-              "command |", "|---|---|---|---|---|"]
+              "", "## Every run", "", "| job | held-out loss at the last step | training denoise / align at the end | train time | "
+              "held-out cost | command |", "|---|---|---|---|---|---|"]
     for job, r in records.items():
         if job in CONFIRM:
             continue
-        lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['train_seconds']:.0f} s | "
+        lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['final']['denoise']:.2f} / "
+                     f"{r['final']['align']:.2f} | {r['train_seconds']:.0f} s | "
                      f"{100 * r['heldout_seconds'] / r['train_seconds']:.1f}% | `{r['command']}` |")
     lines += confirm_lines({k: r for k, r in records.items() if k in CONFIRM})
     return "\n".join(lines) + "\n"
