@@ -191,7 +191,10 @@ def confirm_lines(confirm):
     lines += ["", "Wall time of one baseline + SRA 2 pair (warm stage-1 cache, FID reference included): " +
               ", ".join(f"seed {r['seed']}: {r['pair_seconds'] / 60:.1f} min" for r in confirm.values()) +
               f" on {next(iter(confirm.values()))['card']}: one thread each, the two pairs side by side. FID "
-              "weights: the fp32 copy without fc, given by SRA2_INCEPTION_WEIGHTS."]
+              "weights: the fp32 copy without fc, given by SRA2_INCEPTION_WEIGHTS.",
+              "", "Held-out loss cost against training time: " + ", ".join(
+                  f"seed {r['seed']} {name} {100 * x['heldout_seconds'] / x['train_seconds']:.1f}%"
+                  for r in confirm.values() for name, x in r["runs"].items()) + "."]
     return lines
 
 
