@@ -1309,6 +1309,8 @@ def test_fid_batches_are_cut_to_batch_size_and_streams_are_accepted():
 
 def test_fid_progress_line_only_when_slow_with_rate_and_time_left(monkeypatch, capsys):
     images = np.zeros((6, 8, 8, 3), np.uint8)
+    # Both clocks are fake: with the real one, a loaded or paused machine made the fast case slow.
+    monkeypatch.setattr(fid, "time", types.SimpleNamespace(time=lambda: 0.0))   # a fast machine
     fid.compute_statistics(images, model=_FidStandIn(), batch_size=2, progress=True)
     assert capsys.readouterr().err == ""  # fast: quiet
     clock = iter(range(0, 1000, 2))  # a slow machine: 2 s between any two looks at the clock
