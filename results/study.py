@@ -41,6 +41,8 @@ VARIANTS = {
     "scale4":     ("target x 4", ["--runs", "sra2", "--target-scale", "4"], "base"),
     "lr1e-3_base": ("baseline, lr 1e-3", ["--runs", "baseline", "--lr", "1e-3"], None),
     "lr1e-3":     ("lr 1e-3", ["--runs", "sra2", "--lr", "1e-3"], "lr1e-3_base"),
+    "small_base": ("baseline, small SiT (8 blocks)", ["--runs", "baseline", "--model", "small"], None),
+    "small":      ("small SiT (8 blocks), paper default", ["--runs", "sra2", "--model", "small"], "small_base"),
 }
 SCREEN_SEEDS = (0, 1)
 # The queue: the most telling variants first, both seeds of each before the next.
@@ -50,8 +52,15 @@ QUEUE = [f"{name}-s{seed}" for name in VARIANTS for seed in SCREEN_SEEDS]
 # Chosen: lambda 0.1, the only variant of the first three (paper default, separate clipping,
 # lambda 0.1) whose held-out gap was below 0 on both screen seeds.
 CONFIRM_FLAGS = ["--preset", "cpu", "--lam", "0.1"]
-CONFIRM_SEEDS = (2, 3)
+CONFIRM_SEEDS = (2, 3, 4)
 CONFIRM = [f"confirm-s{seed}" for seed in CONFIRM_SEEDS]
+# How the machine was shared while each confirmation pair ran (its wall time depends on it).
+CONFIRM_CONDITIONS = {
+    2: "one thread, beside seed 3's pair, FID reference computed in the run",
+    3: "one thread, beside seed 2's pair, FID reference computed in the run",
+    4: "the preset's two threads, alone but for editing and tests at the lowest CPU priority, "
+       "FID reference from the cache",
+}
 
 
 def command(job, data=None, work=None):
@@ -188,10 +197,11 @@ def confirm_lines(confirm):
             lines.append(f"| {r['seed']} | {step} | " +
                          (f"{h[0]:.4f} | {h[1]:.4f} | {100 * (h[1] / h[0] - 1):+.2f}% | " if h else "| | | ") +
                          (f"{f[0]:.1f} | {f[1]:.1f} |" if f else "| |"))
-    lines += ["", "Wall time of one baseline + SRA 2 pair (warm stage-1 cache, FID reference included): " +
-              ", ".join(f"seed {r['seed']}: {r['pair_seconds'] / 60:.1f} min" for r in confirm.values()) +
-              f" on {next(iter(confirm.values()))['card']}: one thread each, the two pairs side by side. FID "
-              "weights: the fp32 copy without fc, given by SRA2_INCEPTION_WEIGHTS.",
+    lines += ["", "Wall time of one baseline + SRA 2 pair (warm stage-1 cache, the machine above): " +
+              "; ".join(f"seed {r['seed']}: {r['pair_seconds'] / 60:.1f} min "
+                        f"({CONFIRM_CONDITIONS.get(r['seed'], 'conditions not recorded')})"
+                        for r in confirm.values()) +
+              ". FID weights: the fp32 copy without fc, given by SRA2_INCEPTION_WEIGHTS.",
               "", "Held-out loss cost against training time: " + ", ".join(
                   f"seed {r['seed']} {name} {100 * x['heldout_seconds'] / x['train_seconds']:.1f}%"
                   for r in confirm.values() for name, x in r["runs"].items()) + "."]
