@@ -32,7 +32,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import time
 import urllib.request
 import warnings
@@ -43,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sra2
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 # torch.hub names files by the first 8 hex digits of their SHA-256 ("6726825d"); the full digest
@@ -51,6 +52,74 @@ FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb
 WEIGHTS_ENV = "SRA2_INCEPTION_WEIGHTS"
 CONVENTIONS = ("tf", "pytorch-fid")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Script utilities (tiny_demo.py uses them too): time, a progress line, atomic files, one-line errors
+
+def fmt_time(seconds):
+    """3.2s, 42s, 7m05s."""
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f}s"
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """A status line with rate and time left: redrawn in place on a terminal, else one line every
+    15 s (logs stay short). `elapsed` may be passed in, so pauses (evaluations) don't count. Only
+    rank 0 of a torch.distributed job prints. `file`: default stdout."""
+
+    def __init__(self, label, total, unit="it", *, file=None):
+        self.label, self.total, self.unit, self.file = label, total, unit, file or sys.stdout
+        self.start = self.last = time.perf_counter()
+        self.tty, self.shown = self.file.isatty(), False
+
+    def update(self, done, note="", elapsed=None, force=False):
+        now = time.perf_counter()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # one progress line, not one per GPU
+        if not force and done < self.total and now - self.last < (0.5 if self.tty else 15):
+            return
+        self.last = now
+        elapsed = now - self.start if elapsed is None else elapsed
+        rate = done / max(elapsed, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else 0
+        line = (f"{self.label} {done}/{self.total}  {rate:.1f} {self.unit}/s  "
+                f"{fmt_time(left)} left  {note}").rstrip()
+        if self.tty:
+            print("\r" + line.ljust(100)[:160], end="", file=self.file, flush=True)
+        else:
+            print(line, file=self.file, flush=True)
+        self.shown = True
+
+    def close(self):
+        if self.shown and self.tty:
+            print(file=self.file, flush=True)
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then os.replace onto `path` (atomic on one filesystem): an interruption or
+    an error never leaves a half-written file under the real name. The temp name keeps the suffix
+    (np.savez would append .npz otherwise); the parent folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, `prog: error: message`, and exit status 2
+    (argparse's own error prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,24 +283,16 @@ def _cache_path():
 
 
 def _download(url, dest, sha256):
-    """Fetch url to dest via a temp file in the same folder: a half-written or wrong file never
-    appears under the final name (os.replace is atomic)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    try:
+    """Fetch url to dest, SHA-256 checked; a wrong or half-written file never appears as dest."""
+    def fetch(tmp):
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
         if digest.hexdigest() != sha256:
             raise ValueError(f"SHA-256 of {url} is {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+    return atomic_write(dest, fetch)
 
 
 def _resolve_weights(weights=None):
@@ -515,20 +576,18 @@ def _check_stats(mu, sigma, name="statistics"):
 
 def save_statistics(path, mu, sigma, convention=None):
     """Write .npz with keys mu, sigma (what pytorch-fid reads), plus the convention if known; like
-    np.savez, ".npz" is appended if missing. Via a temp file and os.replace: an existing file is
-    only ever replaced by a complete one."""
+    np.savez, ".npz" is appended if missing. Atomic: an existing file is only ever replaced by a
+    complete one."""
     mu, sigma = _check_stats(mu, sigma)
     extra = {} if convention is None else {"convention": np.array(convention)}
     path = Path(path if str(path).endswith(".npz") else f"{path}.npz")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such folder to save {path.name} in")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as file:
             np.savez(file, mu=mu, sigma=sigma, **extra)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, write)
 
 
 def _load_npz(path):
@@ -610,11 +669,6 @@ def inception_score(logits, splits=10):
 # ----------------------------------------------------------------------------------------------
 # CLI, like pytorch-fid's
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own prints the whole usage first
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _positive_int(text):
     try:
         value = int(text)
@@ -671,7 +725,7 @@ def _run(args):
 
 
 def main(argv=None):
-    parser = _OneLineParser(prog="fid.py", description="FID between two image folders or .npz statistics")
+    parser = OneLineParser(prog="fid.py", description="FID between two image folders or .npz statistics")
     parser.add_argument("path", nargs=2, help="image folders or .npz files with mu and sigma")
     parser.add_argument("--save-stats", action="store_true",
                         help="compute statistics of folder PATH1 and save them to PATH2 (.npz)")
@@ -680,9 +734,7 @@ def main(argv=None):
     parser.add_argument("--convention", choices=CONVENTIONS, default="tf")
     parser.add_argument("--weights", default=None, help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = ("cuda" if torch.cuda.is_available()
-                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    args.device = args.device or str(sra2.pick_device())
     try:
         return _run(args)
     except (OSError, ValueError) as error:  # bad input: one line naming it, no traceback
