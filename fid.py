@@ -1,31 +1,19 @@
 """FID and Inception Score with the numbers the field trusts: torch, numpy and pillow only.
 
-Network: the TF "inception-2015-12-05" graph as pytorch-fid ports it (InceptionV3 with TF's
-quirks: BatchNorm eps 0.001 and no BN scale, 3x3 average pools that exclude the zero padding in
-Mixed_5*/6b-e/7b, a max pool in Mixed_7c's pool branch). Features are the 2048-d "pool3" average of
-Mixed_7c; the 1008-way `fc` gives the Inception Score logits.
-Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (downloaded once into
-~/.cache/sra2, SHA-256 checked), or any local copy, also one saved without `fc` (then FID works
-and Inception Score does not).
-
-Two preprocessing conventions; they differ by ~24% per image at 32 px, ~14% at 64 px and ~0.3% at
-299 px, so every FID this file prints names its convention:
-  "tf" (default)  the papers' evaluators (ADM's TF graph, NVIDIA's detector in StyleGAN/EDM):
-                  uint8 as float in [0, 255], TF1 bilinear resize to 299 (src = dst * in/out, no
-                  half-pixel centers, edge clamped), then (x - 128) / 128.
-  "pytorch-fid"   pytorch-fid 0.3: x / 255, F.interpolate(bilinear, align_corners=False) to 299,
-                  then 2x - 1.
-Both reproduce oracle features saved from the real tools: tested to 1e-4,
-measured 4e-6 relative L2 per image at 32, 64 and 299 px.
-
-FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over pool3 statistics (mu, S = Sigma), in float64.
-IS  = exp(E_x KL(p(y|x) || p(y))), p = softmax of the 1008 logits WITHOUT the fc bias (as ADM,
-      NVIDIA and torch-fidelity do), over 10 splits, mean and std.
-
-Shapes: N batch, C = 3 channels, H, W image size, D = 2048 features, K = 1008 classes.
-Start reading at compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`.
+Network: TF's "inception-2015-12-05" graph as pytorch-fid ports it, quirks included. Features: the
+2048-d pool3 of Mixed_7c; logits: the 1008-way fc without its bias, for Inception Score. Weights:
+pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once into ~/.cache/sra2 (SHA-256
+checked), or a local copy; one without fc gives FID only.
+Preprocessing: two conventions, ~24% apart per image at 32 px, ~14% at 64 px, ~0.3% at 299 px, so
+every FID printed names its own. Both match features saved from the real tools (tested to 1e-4).
+  "tf" (default)  the papers' evaluators (ADM, StyleGAN/EDM): uint8 as float, TF1 bilinear resize
+                  to 299 (src = dst * in/out, no half-pixel centers, edges clamped), (x - 128) / 128
+  "pytorch-fid"   x / 255, F.interpolate(bilinear, align_corners=False) to 299, then 2x - 1
+FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over pool3 statistics (mu, S), in float64.
+IS  = exp(E_x KL(p(y|x) || p(y))) over 10 splits (as ADM, NVIDIA, torch-fidelity), mean and std.
+Shapes: N batch, H W image size, D = 2048 features, K = 1008 classes. Start reading at
+compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`.
 """
-
 import argparse
 import contextlib
 import hashlib
@@ -47,15 +35,20 @@ import sra2
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 # torch.hub names files by the first 8 hex digits of their SHA-256 ("6726825d"); the full digest
-# is the one other FID tools pin for this URL (95,628,359 bytes). Not re-hashed here: no network.
+# is the one other FID tools pin for this URL (95,628,359 bytes).
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WEIGHTS_ENV = "SRA2_INCEPTION_WEIGHTS"
 CONVENTIONS = ("tf", "pytorch-fid")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
+def _require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
 # ----------------------------------------------------------------------------------------------
-# Script utilities (tiny_demo.py uses them too): time, a progress line, atomic files, one-line errors
+# Script utilities (tiny_demo.py uses them too): time, progress line, atomic files, one-line errors
 
 def fmt_time(seconds):
     """3.2s, 42s, 7m05s."""
@@ -66,9 +59,9 @@ def fmt_time(seconds):
 
 
 class Progress:
-    """A status line with rate and time left: redrawn in place on a terminal, else one line every
-    15 s (logs stay short). `elapsed` may be passed in, so pauses (evaluations) don't count. Only
-    rank 0 of a torch.distributed job prints. `file`: default stdout."""
+    """A status line with rate and time left: redrawn in place on a terminal, else a line every
+    15 s and at done == total (total None: unknown). Pass `elapsed` to leave pauses out. Prints on
+    rank 0 only (torch.distributed); `file` defaults to stdout."""
 
     def __init__(self, label, total, unit="it", *, file=None):
         self.label, self.total, self.unit, self.file = label, total, unit, file or sys.stdout
@@ -76,18 +69,16 @@ class Progress:
         self.tty, self.shown = self.file.isatty(), False
 
     def update(self, done, note="", elapsed=None, force=False):
-        now = time.perf_counter()
-        dist = torch.distributed
+        now, dist = time.perf_counter(), torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return  # one progress line, not one per GPU
-        if not force and done < self.total and now - self.last < (0.5 if self.tty else 15):
+        finished = self.total is not None and done >= self.total
+        if not (force or finished) and now - self.last < (0.5 if self.tty else 15):
             return
-        self.last = now
-        elapsed = now - self.start if elapsed is None else elapsed
-        rate = done / max(elapsed, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else 0
-        line = (f"{self.label} {done}/{self.total}  {rate:.1f} {self.unit}/s  "
-                f"{fmt_time(left)} left  {note}").rstrip()
+        self.last, elapsed = now, now - self.start if elapsed is None else elapsed
+        rate, total = done / max(elapsed, 1e-9), "?" if self.total is None else self.total
+        left = "" if self.total is None else fmt_time((total - done) / rate if rate else 0) + " left"
+        line = f"{self.label} {done}/{total}  {rate:.1f} {self.unit}/s  {left}  {note}".rstrip()
         if self.tty:
             print("\r" + line.ljust(100)[:160], end="", file=self.file, flush=True)
         else:
@@ -100,9 +91,8 @@ class Progress:
 
 
 def atomic_write(path, write):
-    """write(tmp_path), then os.replace onto `path` (atomic on one filesystem): an interruption or
-    an error never leaves a half-written file under the real name. The temp name keeps the suffix
-    (np.savez would append .npz otherwise); the parent folder is created."""
+    """write(tmp_path), then os.replace onto `path` (atomic): an error never leaves a half-written
+    file under the real name. The temp name keeps the suffix (np.savez appends .npz otherwise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
@@ -115,15 +105,14 @@ def atomic_write(path, write):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line, `prog: error: message`, and exit status 2
-    (argparse's own error prints the whole usage first)."""
+    """argparse whose errors are one line, `prog: error: message`, exit status 2."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ----------------------------------------------------------------------------------------------
-# The FID Inception network (pytorch-fid's FIDInceptionA/C/E_1/E_2; parameter names match its file)
+# The FID Inception network (pytorch-fid's FIDInceptionA-E; parameter names match its file)
 
 class BasicConv2d(nn.Module):
     """Conv (no bias) -> BatchNorm (eps 0.001, TF's) -> ReLU."""
@@ -137,106 +126,74 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def _avg_pool_3x3(x):
-    # TF's average pool divides by the number of real pixels, not 9: torchvision's default
-    # (count_include_pad=True) is the classic porting bug that shifts FID.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+POOLS = {  # TF's average pool divides by the real pixels, not 9: count_include_pad=True (the
+    # torchvision default) is the classic porting bug that shifts FID.
+    "avg": lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
+    "max": lambda x: F.max_pool2d(x, 3, stride=1, padding=1),  # Mixed_7c (likely a TF bug, kept)
+    "max/2": lambda x: F.max_pool2d(x, 3, stride=2),           # the grid reductions
+}
 
 
-class InceptionA(nn.Module):  # Mixed_5b/c/d at 35x35
-    def __init__(self, c_in, pool_features):
+class Mixed(nn.Module):
+    """One Inception block: branches side by side, concatenated on channels. A branch is an
+    optional pool (POOLS), then convolutions (c_out, kernel[, stride]) in a chain, padded to keep
+    the size at stride 1; a pair [conv, conv] runs both on one input and concatenates them. Names
+    are pytorch-fid's: the branch's for one conv, else branch_1, branch_2, ... (branch_2a, _2b)."""
+
+    def __init__(self, c_in, **branches):
         super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 64, 1)
-        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+        self.branches = []  # (pool or None, [names of each step's convs])
+        for branch, steps in branches.items():
+            pool, steps = (steps[0], steps[1:]) if isinstance(steps[0], str) else (None, steps)
+            chain, c = [], c_in
+            for i, step in enumerate(steps, 1):
+                pair = step if isinstance(step, list) else [step]
+                names = [branch if len(steps) == 1 else f"{branch}_{i}" + "ab"[j] * (len(pair) > 1)
+                         for j in range(len(pair))]
+                for name, (c_out, kernel, *stride) in zip(names, pair):
+                    stride = stride[0] if stride else 1
+                    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+                    padding = (k[0] // 2, k[1] // 2) if stride == 1 else 0
+                    self.add_module(name, BasicConv2d(c, c_out, kernel, stride, padding))
+                chain.append(names)
+                c = c_out
+            self.branches.append((pool, chain))
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(_avg_pool_3x3(x))], dim=1)
+        outputs = []
+        for pool, chain in self.branches:
+            y = POOLS[pool](x) if pool else x
+            for names in chain:
+                y = torch.cat([getattr(self, name)(y) for name in names], dim=1)
+            outputs.append(y)
+        return torch.cat(outputs, dim=1)
 
 
-class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], dim=1)
+def inception_a(c_in, pool_features):  # Mixed_5b/c/d at 35x35
+    return Mixed(c_in, branch1x1=[(64, 1)], branch5x5=[(48, 1), (64, 5)],
+                 branch3x3dbl=[(64, 1), (96, 3), (96, 3)], branch_pool=["avg", (pool_features, 1)])
 
 
-class InceptionC(nn.Module):  # Mixed_6b..e at 17x17, factorized 7x7 convolutions
-    def __init__(self, c_in, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(c_in, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d7 = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            d7 = layer(d7)
-        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool_3x3(x))], dim=1)
+def inception_b(c_in):  # Mixed_6a: 35x35 -> 17x17
+    return Mixed(c_in, branch3x3=[(384, 3, 2)], branch3x3dbl=[(64, 1), (96, 3), (96, 3, 2)],
+                 pool=["max/2"])
 
 
-class InceptionD(nn.Module):  # Mixed_7a: 17x17 -> 8x8
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_1(x)
-        for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = layer(b7)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], dim=1)
+def inception_c(c_in, c7):  # Mixed_6b-e at 17x17: 7x7 convolutions factorized into 1x7 and 7x1
+    return Mixed(c_in, branch1x1=[(192, 1)], branch7x7=[(c7, 1), (c7, (1, 7)), (192, (7, 1))],
+                 branch7x7dbl=[(c7, 1), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))],
+                 branch_pool=["avg", (192, 1)])
 
 
-class InceptionE(nn.Module):  # Mixed_7b (pool="avg") and Mixed_7c (pool="max") at 8x8
-    def __init__(self, c_in, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(c_in, 320, 1)
-        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(c_in, 192, 1)
+def inception_d(c_in):  # Mixed_7a: 17x17 -> 8x8
+    return Mixed(c_in, branch3x3=[(192, 1), (320, 3, 2)],
+                 branch7x7x3=[(192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2)], pool=["max/2"])
 
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
-        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d3 = torch.cat([self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3)], dim=1)
-        # The TF graph max-pools in the last block (likely a bug upstream, but it is what the
-        # published FIDs were computed with).
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x), b3, d3, self.branch_pool(pooled)], dim=1)
+
+def inception_e(c_in, pool):  # Mixed_7b (avg pool) and 7c (max pool) at 8x8
+    split = [(384, (1, 3)), (384, (3, 1))]  # the last step of both 3x3 branches forks in two
+    return Mixed(c_in, branch1x1=[(320, 1)], branch3x3=[(384, 1), split],
+                 branch3x3dbl=[(448, 1), (384, 3), split], branch_pool=[pool, (192, 1)])
 
 
 class FIDInceptionV3(nn.Module):
@@ -250,18 +207,17 @@ class FIDInceptionV3(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c = InceptionA(192, 32), InceptionA(256, 64)
-        self.Mixed_5d = InceptionA(288, 64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool="avg"), InceptionE(2048, pool="max")
+        self.Mixed_5b, self.Mixed_5c = inception_a(192, 32), inception_a(256, 64)
+        self.Mixed_5d, self.Mixed_6a = inception_a(288, 64), inception_b(288)
+        self.Mixed_6b, self.Mixed_6c = inception_c(768, 128), inception_c(768, 160)
+        self.Mixed_6d, self.Mixed_6e = inception_c(768, 160), inception_c(768, 192)
+        self.Mixed_7a = inception_d(768)
+        self.Mixed_7b, self.Mixed_7c = inception_e(1280, "avg"), inception_e(2048, "max")
         self.fc = nn.Linear(2048, 1008) if with_fc else None  # bias is loaded but never used
 
     def forward(self, x):
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 299, 299):
-            raise ValueError(f"expected a preprocessed (N, 3, 299, 299) batch, got {tuple(x.shape)}")
+        _require(x.ndim == 4 and tuple(x.shape[1:]) == (3, 299, 299),
+                 f"expected a preprocessed (N, 3, 299, 299) batch, got {tuple(x.shape)}")
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
         x = F.max_pool2d(x, 3, stride=2)                                      # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)
@@ -290,49 +246,46 @@ def _download(url, dest, sha256):
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"SHA-256 of {url} is {digest.hexdigest()}, expected {sha256}")
+        _require(digest.hexdigest() == sha256,
+                 f"SHA-256 of {url} is {digest.hexdigest()}, expected {sha256}")
     return atomic_write(dest, fetch)
 
 
 def _resolve_weights(weights=None):
-    if weights is not None:
-        return Path(weights)
-    if os.environ.get(WEIGHTS_ENV):
-        return Path(os.environ[WEIGHTS_ENV])
-    cached = _cache_path()
-    if cached.is_file():
+    if weights is not None or os.environ.get(WEIGHTS_ENV):
+        return Path(weights if weights is not None else os.environ[WEIGHTS_ENV])
+    if (cached := _cache_path()).is_file():
         return cached
     try:
         print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
         return _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
     except Exception as error:
         raise FileNotFoundError(
-            f"no FID Inception weights ({error}): pass a local copy of "
-            f"pt_inception-2015-12-05-6726825d.pth with --weights (fid.py) or --inception "
-            f"(tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, or put it at {cached}"
-        ) from error
+            f"no FID Inception weights ({error}): pass a local copy of {cached.name} with "
+            f"--weights (fid.py) or --inception (tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, "
+            f"or put it at {cached}") from error
 
 
 def _check_device(device):
-    """torch.device(device) if fid.py can run there (cpu, cuda[:N] or mps present here), else ValueError."""
+    """torch.device(device) if it is cpu, cuda[:N] or mps and present here, else a ValueError."""
+    name = str(device)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(device)!r}: expected cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps': MPS is not available on this machine")
+        device = None
+    _require(device is not None and device.type in ("cpu", "cuda", "mps"),
+             f"device {name!r}: expected cpu, cuda, cuda:N or mps")
+    n_cuda = torch.cuda.device_count()
+    _require(device.type != "cuda" or (device.index or 0) < n_cuda,
+             f"device {name!r}: this machine has {n_cuda} CUDA device(s)")
+    _require(device.type != "mps" or torch.backends.mps.is_available(),
+             "device 'mps': MPS is not available on this machine")
     return device
 
 
 def load_inception(weights=None, device="cpu"):
-    """The FID Inception network in eval mode, float32, on `device`. `weights`: a .pth path (the
-    full pytorch-fid file, or the -nofc / -nofc-fp16 files), or None to resolve it as above.
-    A missing file is a FileNotFoundError; any other file a ValueError naming it."""
+    """The FID Inception network (eval, float32) on `device` from `weights`, a .pth (pytorch-fid's
+    or its -nofc / -nofc-fp16 files) or None: resolved as above. Bad files: an error naming them."""
     device = _check_device(device)
     path = _resolve_weights(weights)
     if not path.is_file():
@@ -345,7 +298,8 @@ def load_inception(weights=None, device="cpu"):
     except Exception as error:  # not a torch file, truncated, not a state dict, other weights
         detail = " ".join(str(error).split())  # load_state_dict's message spans lines
         detail = detail if len(detail) <= 160 else detail[:160] + " ..."
-        raise ValueError(f"{path}: not the FID Inception weights ({type(error).__name__}: {detail})") from error
+        raise ValueError(f"{path}: not the FID Inception weights "
+                         f"({type(error).__name__}: {detail})") from error
     # channels_last: oneDNN's native layout, 1.5x faster on CPU; same features to 1e-6.
     model = model.to(device=device, dtype=torch.float32, memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
@@ -361,26 +315,22 @@ def _as_nchw_uint8(images):
         with warnings.catch_warnings():  # read-only arrays (from PIL, mmap) are fine: never written
             warnings.simplefilter("ignore", UserWarning)
             images = torch.from_numpy(np.ascontiguousarray(images))
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
-    if images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 in [0, 255], got dtype {images.dtype}")
-    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
-        raise ValueError(f"images must be RGB with 3 channels, (N, H, W, 3) or (N, 3, H, W); "
-                         f"got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty (N = 0)")
+    _require(isinstance(images, torch.Tensor),
+             f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    _require(images.dtype == torch.uint8, f"images must be uint8 in [0, 255], got {images.dtype}")
+    _require(images.ndim == 4 and 3 in (images.shape[1], images.shape[3]), f"images must be RGB "
+             f"with 3 channels, (N, H, W, 3) or (N, 3, H, W); got shape {tuple(images.shape)}")
+    _require(images.shape[0] > 0, "images is empty (N = 0)")
     return images if images.shape[1] == 3 else images.permute(0, 3, 1, 2)
 
 
 def _tf1_resize_matrix(size_in, size_out, device):
-    """(size_out, size_in) weights of TF1 bilinear resize (align_corners=False,
-    half_pixel_centers=False): src = dst * in/out, neighbours floor(src) and floor(src)+1 clamped."""
+    """(size_out, size_in) weights of TF1 bilinear resize (no align_corners, no half-pixel
+    centers): src = dst * in/out, neighbours floor(src) and floor(src) + 1, clamped."""
     src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
     lo = src.floor().long().clamp(max=size_in - 1)
     hi = (lo + 1).clamp(max=size_in - 1)
-    frac = src - lo
-    rows = torch.arange(size_out)
+    rows, frac = torch.arange(size_out), src - lo
     matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
     matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
     matrix.index_put_((rows, hi), frac, accumulate=True)
@@ -389,16 +339,15 @@ def _tf1_resize_matrix(size_in, size_out, device):
 
 def preprocess(images, convention="tf"):
     """uint8 images (N, 3, H, W) (or NHWC, numpy) -> float32 (N, 3, 299, 299) on their device."""
+    _require(convention in CONVENTIONS,
+             f"convention must be one of {CONVENTIONS}, got {convention!r}")
     x = _as_nchw_uint8(images).float()
-    if convention == "tf":
-        resize_h = _tf1_resize_matrix(x.shape[2], 299, x.device)  # (299, H)
-        resize_w = _tf1_resize_matrix(x.shape[3], 299, x.device)  # (299, W)
-        x = resize_h @ x @ resize_w.T                             # (N, 3, 299, 299)
-        return (x - 128) / 128
     if convention == "pytorch-fid":
         x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
         return 2 * x - 1
-    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    resize_h = _tf1_resize_matrix(x.shape[2], 299, x.device)  # (299, H)
+    resize_w = _tf1_resize_matrix(x.shape[3], 299, x.device)  # (299, W)
+    return (resize_h @ x @ resize_w.T - 128) / 128            # (N, 3, 299, 299)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,19 +363,17 @@ class FeatureStats:
 
     def update(self, features):
         f = torch.as_tensor(features)
-        if f.device.type == "mps":  # MPS has no float64
-            f = f.cpu()
-        f = f.to(torch.float64)
-        if f.ndim != 2 or f.shape[0] == 0:
-            raise ValueError(f"features must be a non-empty (N, D) array, got shape {tuple(f.shape)}")
-        if not torch.isfinite(f).all():
-            raise ValueError("features contain NaN or Inf")
+        f = (f.cpu() if f.device.type == "mps" else f).to(torch.float64)  # MPS has no float64
+        _require(f.ndim == 2 and f.shape[0] > 0,
+                 f"features must be a non-empty (N, D) array, got shape {tuple(f.shape)}")
+        _require(bool(torch.isfinite(f).all()), "features contain NaN or Inf")
         if self.shift is None:
             self.shift = f.mean(dim=0)
             self.sum = torch.zeros_like(self.shift)
-            self.sum_outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
-        elif f.shape[1] != self.shift.shape[0]:
-            raise ValueError(f"features have D = {f.shape[1]}, earlier ones D = {self.shift.shape[0]}")
+            self.sum_outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64,
+                                         device=f.device)
+        _require(f.shape[1] == self.shift.shape[0],
+                 f"features have D = {f.shape[1]}, earlier ones D = {self.shift.shape[0]}")
         centred = f.to(self.shift.device) - self.shift  # (N, D)
         self.n += f.shape[0]
         self.sum += centred.sum(dim=0)
@@ -434,8 +381,7 @@ class FeatureStats:
 
     def mean_cov(self):
         """(mu (D,), sigma (D, D)) as float64 numpy; sigma is unbiased (divides by N - 1)."""
-        if self.n < 2:
-            raise ValueError(f"a covariance needs at least 2 images, got {self.n}")
+        _require(self.n >= 2, f"a covariance needs at least 2 images, got {self.n}")
         mean_centred = self.sum / self.n
         mu = self.shift + mean_centred
         sigma = (self.sum_outer - self.n * torch.outer(mean_centred, mean_centred)) / (self.n - 1)
@@ -446,15 +392,15 @@ class FeatureStats:
 def _full_float32():
     """TF32 (and oneDNN's bf16/tf32 modes on CPU) off, restored afterwards: FID must not depend on
     which chip computed it. Newer torch refuses to mix its two flag APIs, so use one of them."""
-    backends = torch.backends
-    if hasattr(backends.cuda.matmul, "fp32_precision") and hasattr(backends.cudnn, "conv"):
-        layers = [backends.cuda.matmul, backends.cudnn.conv]
-        layers += [getattr(backends.mkldnn, op) for op in ("matmul", "conv")
-                   if hasattr(backends.mkldnn, op)]
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        layers = [b.cuda.matmul, b.cudnn.conv] + [getattr(b.mkldnn, op) for op in ("matmul", "conv")
+                                                  if hasattr(b.mkldnn, op)]
         flags = [(layer, "fp32_precision", "ieee") for layer in layers]
     else:
-        flags = [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
-    saved_precision, saved = torch.get_float32_matmul_precision(), [getattr(o, n) for o, n, _ in flags]
+        flags = [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
+    saved_precision = torch.get_float32_matmul_precision()
+    saved = [getattr(obj, name) for obj, name, _ in flags]
     try:
         torch.set_float32_matmul_precision("highest")
         for obj, name, value in flags:
@@ -466,89 +412,70 @@ def _full_float32():
             setattr(obj, name, value)
 
 
-def _batches(images, batch_size):
-    """Yield uint8 NCHW tensors of at most batch_size images from an array or an iterable of them."""
-    for batch in ([images] if isinstance(images, (np.ndarray, torch.Tensor)) else images):
-        batch = _as_nchw_uint8(batch)
-        yield from batch.split(batch_size)
-
-
-def _print_progress(n, total, seconds, done=False):
-    rate = n / seconds
-    tail = (f", {seconds:.0f} s in all\n" if done else
-            f", {(total - n) / rate:.0f} s left  " if total else "  ")
-    print(f"\rInception features: {n}/{total or '?'} images, {rate:.1f} img/s{tail}",
-          end="", file=sys.stderr, flush=True)
-
-
 def compute_statistics(images, model=None, batch_size=200, device=None, convention="tf",
                        weights=None, progress=False, return_is_logits=False, total=None):
-    """Pool3 statistics (mu (D,), sigma (D, D)) float64 of uint8 RGB images.
-
-    images: uint8 (N, H, W, 3) or (N, 3, H, W), numpy or torch, or an iterable yielding such
-            batches (sizes may vary), so generated images can be streamed. Needs N >= 2.
-    model:  from load_inception (else loaded from `weights`); device: where images are sent,
-            default the model's. progress: a line on stderr with rate and time left (`total`
-            = expected N for iterables). return_is_logits: also return the (N, K) float32 logits
-            for inception_score (needs the weights with `fc`).
-    """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(images, (np.ndarray, torch.Tensor)):
+    """Pool3 statistics (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3)
+    or (N, 3, H, W), numpy or torch, or an iterable of such batches (to stream generated images).
+    model: from load_inception (else loaded from `weights`); device: default the model's.
+    progress: a line on stderr once it takes over a second (`total`: N of an iterable).
+    return_is_logits: also the (N, K) logits for inception_score (needs the weights with fc)."""
+    _require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
+             f"batch_size must be an integer >= 1, got {batch_size!r}")
+    whole = isinstance(images, (np.ndarray, torch.Tensor))
+    if whole:
         total = _as_nchw_uint8(images).shape[0]  # checks dtype, layout, emptiness before any work
-        if total < 2:
-            raise ValueError(f"a covariance needs at least 2 images, got {total}")
-    if model is None:
-        model = load_inception(weights, device or "cpu")
+        _require(total >= 2, f"a covariance needs at least 2 images, got {total}")
+    model = load_inception(weights, device or "cpu") if model is None else model
     device = _check_device(device) if device else next(model.parameters()).device
-    if return_is_logits and getattr(model, "fc", None) is None:
-        raise ValueError("Inception Score needs the weights with the 1008-way fc layer "
-                         "(pt_inception-2015-12-05-6726825d.pth); the -nofc files give features only")
+    _require(not return_is_logits or getattr(model, "fc", None) is not None,
+             "Inception Score needs the weights with the 1008-way fc layer "
+             "(pt_inception-2015-12-05-6726825d.pth); the -nofc files give features only")
     stats, all_logits = FeatureStats(), []
-    start = last_print = time.time()
+    bar = Progress("Inception features", total, "img", file=sys.stderr) if progress else None
     # autocast off: a caller's bf16 context must not leak into the features.
     with torch.no_grad(), _full_float32(), torch.autocast(torch.device(device).type, enabled=False):
-        for batch in _batches(images, batch_size):
-            features, logits = model(preprocess(batch.to(device), convention))
-            stats.update(features)
-            if return_is_logits:
-                all_logits.append(logits.float().cpu().numpy())
-            if progress and time.time() - last_print > 1:  # quiet unless extraction is long
-                last_print = time.time()
-                _print_progress(stats.n, total, last_print - start)
-    if progress and last_print > start:
-        _print_progress(stats.n, total, time.time() - start, done=True)
-    if stats.n == 0:
-        raise ValueError("no images were given")
+        for batch in [images] if whole else images:
+            for part in _as_nchw_uint8(batch).split(batch_size):
+                features, logits = model(preprocess(part.to(device), convention))
+                stats.update(features)
+                if return_is_logits:
+                    all_logits.append(logits.float().cpu().numpy())
+                # quiet unless slow; the last line, with the time in all, comes after the loop
+                if bar and stats.n != total and time.perf_counter() - bar.start > 1:
+                    bar.update(stats.n)
+    if bar and bar.shown:
+        bar.update(stats.n, f"{fmt_time(time.perf_counter() - bar.start)} in all", force=True)
+        bar.close()
+    _require(stats.n > 0, "no images were given")
     mu, sigma = stats.mean_cov()
     return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
 
 
 def _read_image(file, decode=True):
-    """(H, W, 3) uint8 RGB array of an image file, or with decode=False its (W, H) from the header."""
+    """(H, W, 3) uint8 RGB array of an image file; decode=False: its (W, H) from the header."""
     from PIL import Image  # pillow only needed for folders
     try:
         with Image.open(file) as image:
             return np.asarray(image.convert("RGB")) if decode else image.size
     except Exception as error:  # not an image, truncated, unreadable
-        raise ValueError(f"{file}: not a readable image ({type(error).__name__}: {error})") from error
+        raise ValueError(f"{file}: not a readable image "
+                         f"({type(error).__name__}: {error})") from error
 
 
 def _image_files(path):
-    """Sorted image files directly in folder `path` (other files are ignored), each opened (header
-    only) to check that it is an image of the first one's size: an error names the first bad file."""
+    """Sorted image files directly in folder `path`, each header read to check that it is an
+    image of the first one's size: an error names the first bad file. Other files are ignored."""
     path = Path(path)
     if not path.is_dir():
         raise (NotADirectoryError(f"{path}: not a folder") if path.exists() else
                FileNotFoundError(f"{path}: no such file or directory"))
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
+    _require(files, f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
     w, h = _read_image(files[0], decode=False)
     for file in files[1:]:
-        if (size := _read_image(file, decode=False)) != (w, h):
-            raise ValueError(f"{file} is {size[0]}x{size[1]} but {files[0]} is {w}x{h}: a folder's "
-                             f"images must have one size (resize them first)")
+        size = _read_image(file, decode=False)
+        _require(size == (w, h), f"{file} is {size[0]}x{size[1]} but {files[0]} is {w}x{h}: a "
+                 f"folder's images must have one size (resize them first)")
     return files
 
 
@@ -558,8 +485,8 @@ def _folder_batches(files, batch_size):
 
 
 def statistics_from_folder(path, batch_size=200, **kwargs):
-    """compute_statistics over the image files directly in folder `path`, in sorted order. All must
-    have one size: FID over mixed sizes would mix what resizing to 299 does to each (see the top)."""
+    """compute_statistics over the image files directly in folder `path`, in sorted order, all of
+    one size: FID over mixed sizes would mix what resizing to 299 does to each (see the top)."""
     files = _image_files(path)
     return compute_statistics(_folder_batches(files, batch_size), batch_size=batch_size,
                               total=len(files), **kwargs)
@@ -567,17 +494,16 @@ def statistics_from_folder(path, batch_size=200, **kwargs):
 
 def _check_stats(mu, sigma, name="statistics"):
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{name}: need mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{name}: mu or sigma contains NaN or Inf")
+    _require(mu.ndim == 1 and sigma.shape == (mu.shape[0], mu.shape[0]),
+             f"{name}: need mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    _require(np.isfinite(mu).all() and np.isfinite(sigma).all(),
+             f"{name}: mu or sigma contains NaN or Inf")
     return mu, sigma
 
 
 def save_statistics(path, mu, sigma, convention=None):
     """Write .npz with keys mu, sigma (what pytorch-fid reads), plus the convention if known; like
-    np.savez, ".npz" is appended if missing. Atomic: an existing file is only ever replaced by a
-    complete one."""
+    np.savez, ".npz" is appended if missing. An existing file is only replaced by a complete one."""
     mu, sigma = _check_stats(mu, sigma)
     extra = {} if convention is None else {"convention": np.array(convention)}
     path = Path(path if str(path).endswith(".npz") else f"{path}.npz")
@@ -591,20 +517,20 @@ def save_statistics(path, mu, sigma, convention=None):
 
 
 def _load_npz(path):
-    """(mu, sigma, convention or None) from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's)."""
+    """(mu, sigma, convention or None) from an .npz with keys mu and sigma."""
     try:
         with open(path, "rb") as file:
-            if file.read(2) != b"PK":  # else np.load would try it as .npy, then as a pickle
-                raise ValueError("not a zip archive")
+            _require(file.read(2) == b"PK", "not a zip archive")  # else np.load tries a pickle
         with np.load(path) as data:  # allow_pickle=False: never runs code from the file
             keys = data.files
             arrays = {key: data[key] for key in ("mu", "sigma", "convention") if key in keys}
     except FileNotFoundError:
         raise
     except Exception as error:  # not a zip, truncated, a corrupt member, a pickled array
-        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
-    if "mu" not in arrays or "sigma" not in arrays:
-        raise ValueError(f"{path} needs keys 'mu' and 'sigma', has {keys}")
+        raise ValueError(f"{path}: not a readable .npz file "
+                         f"({type(error).__name__}: {error})") from error
+    _require("mu" in arrays and "sigma" in arrays,
+             f"{path} needs keys 'mu' and 'sigma', has {keys}")
     convention = str(arrays["convention"]) if "convention" in arrays else None
     return (*_check_stats(arrays["mu"], arrays["sigma"], name=str(path)), convention)
 
@@ -620,28 +546,25 @@ def load_statistics(path):
 def psd_factor(sigma, name="sigma"):
     """C (D, R) with sigma = C C^T, from eigh: C = V W^(1/2) over the R eigenvalues that are not
     rounding noise (sqrt would turn each 1e-16 into 1e-8). Checks symmetric and PSD."""
-    if np.abs(sigma - sigma.T).max() > 1e-6 * max(1.0, np.abs(sigma).max()):
-        raise ValueError(f"{name} is not symmetric, so it is no covariance")
+    _require(np.abs(sigma - sigma.T).max() <= 1e-6 * max(1.0, np.abs(sigma).max()),
+             f"{name} is not symmetric, so it is no covariance")
     w, v = np.linalg.eigh(sigma)
-    if w.min() < -1e-6 * max(1.0, w.max()):  # the sqrtm formula would see an imaginary part > 1e-3
-        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {w.min():.3g})")
+    # the sqrtm formula would see an imaginary part > 1e-3
+    _require(w.min() >= -1e-6 * max(1.0, w.max()),
+             f"{name} is not positive semi-definite (eigenvalue {w.min():.3g})")
     keep = w > len(w) * np.finfo(np.float64).eps * np.abs(w).max()
     return v[:, keep] * np.sqrt(w[keep])
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64.
-
-    With S1 = C1 C1^T and S2 = C2 C2^T, S1 S2 has the non-zero eigenvalues of (C2^T C1)^T (C2^T C1),
-    so tr((S1 S2)^(1/2)) = the sum of the singular values of C2^T C1. Exact for symmetric PSD
-    covariances, no square roots of rounding noise (the squared-matrix route loses 1e-8 per
-    direction), fine when S1 S2 is singular (N < D), ~2x faster than scipy's sqrtm at D = 2048.
-    Agrees with pytorch-fid's scipy-sqrtm formula to 1e-6 relative (tested).
-    """
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64. With S = C C^T, S1 S2 has
+    the non-zero eigenvalues of (C2^T C1)^T (C2^T C1), so tr((S1 S2)^(1/2)) is the sum of the
+    singular values of C2^T C1: exact for PSD covariances, also singular ones (N < D), no square
+    roots of rounding noise, ~2x faster than scipy's sqrtm; pytorch-fid's value to 1e-6 (tested)."""
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
+    _require(mu1.shape == mu2.shape,
+             f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
     cross = psd_factor(sigma2, "sigma2").T @ psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
     tr_covmean = np.linalg.svd(cross, compute_uv=False).sum()                # tr((S1 S2)^(1/2))
     diff = mu1 - mu2
@@ -652,10 +575,9 @@ def inception_score(logits, splits=10):
     """(mean, std) over `splits` equal parts of exp(mean_x KL(p(y|x) || p(y))), p(y|x) = softmax of
     the (N, K=1008) logits computed without the fc bias (what compute_statistics returns)."""
     logits = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
-    if logits.ndim != 2 or logits.shape[0] < splits or splits < 1:
-        raise ValueError(f"need (N, K) logits with N >= splits = {splits}, got {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ValueError("logits contain NaN or Inf")
+    _require(logits.ndim == 2 and logits.shape[0] >= splits >= 1,
+             f"need (N, K) logits with N >= splits = {splits}, got {tuple(logits.shape)}")
+    _require(bool(torch.isfinite(logits).all()), "logits contain NaN or Inf")
     log_p = torch.log_softmax(logits, dim=1)  # log p(y|x), (N, K)
     n, scores = logits.shape[0], []
     for i in range(splits):
@@ -679,60 +601,63 @@ def _positive_int(text):
     return value
 
 
-def _check_paths(args):
-    """Every path problem before any work: inputs are folders or .npz files; --save-stats reads a
-    folder and writes an .npz into a folder that exists."""
-    for path in args.path[:1] if args.save_stats else args.path:
+def _run(args):
+    """The CLI. Every input problem (paths, .npz files, image headers) is found before the network."""
+    _check_device(args.device)
+    inputs, out = (args.path[:1], args.path[1]) if args.save_stats else (args.path, None)
+    for path in inputs:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
-        if not (os.path.isdir(path) or path.endswith(".npz")):
-            raise ValueError(f"{path}: neither an image folder nor an .npz file")
-    if args.save_stats:
-        source, out = args.path
-        if not os.path.isdir(source):
-            raise ValueError(f"--save-stats computes the statistics of an image folder; {source} is a file")
-        if not out.endswith(".npz") or os.path.isdir(out):
-            raise ValueError(f"--save-stats writes an .npz file; {out} is not an .npz file name")
+        _require(os.path.isdir(path) or path.endswith(".npz"),
+                 f"{path}: neither an image folder nor an .npz file")
+    if out:
+        _require(os.path.isdir(inputs[0]), f"--save-stats computes the statistics of an image "
+                 f"folder; {inputs[0]} is a file")
+        _require(out.endswith(".npz") and not os.path.isdir(out),
+                 f"--save-stats writes an .npz file; {out} is not an .npz file name")
         if not os.path.isdir(os.path.dirname(out) or "."):
-            raise FileNotFoundError(f"{os.path.dirname(out)}: no such folder to save {os.path.basename(out)} in")
-
-
-def _run(args):
-    _check_device(args.device)
-    _check_paths(args)
-    inputs = args.path[:1] if args.save_stats else args.path
-    # The cheap checks of every input (whole .npz files, image headers) come before the network.
+            raise FileNotFoundError(f"{os.path.dirname(out)}: no such folder to save "
+                                    f"{os.path.basename(out)} in")
     stats = {path: _load_npz(path) for path in inputs if not os.path.isdir(path)}
     folders = {path: _image_files(path) for path in inputs if os.path.isdir(path)}
     model = load_inception(args.weights, args.device) if folders else None
     for path, files in folders.items():
-        mu, sigma = compute_statistics(_folder_batches(files, args.batch_size), model=model,
-                                       batch_size=args.batch_size, device=args.device,
-                                       convention=args.convention, progress=True, total=len(files))
-        stats[path] = mu, sigma, args.convention
-    if args.save_stats:
-        mu, sigma, convention = stats[args.path[0]]
-        save_statistics(args.path[1], mu, sigma, convention)
-        print(f"saved statistics ({convention} convention) to {args.path[1]}")
+        stats[path] = (*compute_statistics(
+            _folder_batches(files, args.batch_size), model=model, batch_size=args.batch_size,
+            device=args.device, convention=args.convention, progress=True, total=len(files)),
+            args.convention)
+    small = [f"warning: {path} has {len(files)} images, fewer than the 2048 features: FID reads "
+             f"high and depends on N; compare FIDs at one N (the papers use 50,000)"
+             for path, files in folders.items() if len(files) < 2048]
+    if out:
+        save_statistics(out, *stats[inputs[0]])
+        print(f"saved statistics ({args.convention} convention) to {out}")
+        for line in small:  # after the work: an error stays the only line
+            print(line, file=sys.stderr)
         return None
-    (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in args.path)
-    if conv1 and conv2 and conv1 != conv2:
-        raise ValueError(f"the two statistics use different conventions ({conv1} vs {conv2}): "
-                         f"FID is meaningless")
+    (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in inputs)
+    _require(not (conv1 and conv2 and conv1 != conv2), f"the two statistics use different "
+             f"conventions ({conv1} vs {conv2}): FID is meaningless")
+    for line in small:
+        print(line, file=sys.stderr)
+    if len(mu1) >= 512:  # two D x D eigendecompositions and an SVD: seconds to minutes on a CPU
+        print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
     print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
     return fid
 
 
 def main(argv=None):
-    parser = OneLineParser(prog="fid.py", description="FID between two image folders or .npz statistics")
+    parser = OneLineParser(prog="fid.py",
+                           description="FID between two image folders or .npz statistics")
     parser.add_argument("path", nargs=2, help="image folders or .npz files with mu and sigma")
     parser.add_argument("--save-stats", action="store_true",
                         help="compute statistics of folder PATH1 and save them to PATH2 (.npz)")
     parser.add_argument("--batch-size", type=_positive_int, default=200)
     parser.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     parser.add_argument("--convention", choices=CONVENTIONS, default="tf")
-    parser.add_argument("--weights", default=None, help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
+    parser.add_argument("--weights", default=None,
+                        help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
     args = parser.parse_args(argv)
     args.device = args.device or str(sra2.pick_device())
     try:
