@@ -1219,14 +1219,15 @@ def test_fid_batches_are_cut_to_batch_size_and_streams_are_accepted():
 def test_fid_progress_line_only_when_slow_with_rate_and_time_left(monkeypatch, capsys):
     images = np.zeros((6, 8, 8, 3), np.uint8)
     # Both clocks are fake: with the real one, a loaded or paused machine made the fast case slow.
-    monkeypatch.setattr(fid, "time", SimpleNamespace(time=lambda: 0.0))   # a fast machine
+    monkeypatch.setattr(fid, "time", SimpleNamespace(perf_counter=lambda: 0.0))   # a fast machine
     fid.compute_statistics(images, model=_FidStandIn(), batch_size=2, progress=True)
     assert capsys.readouterr().err == ""  # fast: quiet
-    clock = iter(range(0, 1000, 2))  # a slow machine: 2 s between any two looks at the clock
-    monkeypatch.setattr(fid, "time", SimpleNamespace(time=lambda: next(clock)))
+    clock = iter(range(0, 1000, 20))  # a slow machine: 20 s between any two looks at the clock
+    monkeypatch.setattr(fid, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     fid.compute_statistics(images, model=_FidStandIn(), batch_size=2, progress=True)
     err = capsys.readouterr().err
-    assert "2/6 images" in err and "img/s" in err and "s left" in err and err.endswith("s in all\n")
+    assert "Inception features 2/6" in err and "img/s" in err and "s left" in err
+    assert err.endswith("s in all\n")
 
 
 def test_fid_tf32_is_off_during_extraction_and_restored_after():
@@ -1651,6 +1652,48 @@ def test_reach_interpolates_between_checkpoints():
     assert tiny_demo.reach(steps, [50, 30, 20, 36], 35) == (None, True)
 
 
+@settings(max_examples=200, deadline=None)
+@given(lo=st.floats(1e-4, 1e4), ratio=st.floats(1.0, 1e4), log=st.booleans())
+@example(lo=176.9, ratio=214.7 / 176.9, log=True)     # a FID curve: a tick below 177 was missing
+@example(lo=0.505, ratio=0.698 / 0.505, log=True)     # a held-out loss curve
+def test_axis_ticks_enclose_the_data_so_every_gridline_is_labelled(lo, ratio, log):
+    """The axis spans its first and last tick, so the lowest and highest points have a labelled
+    gridline at or beyond them; ticks rise, and stay above 0 on a log axis."""
+    hi = lo * ratio
+    ticks = tiny_demo.axis_ticks(lo, hi, log)
+    assert ticks[0] <= lo and ticks[-1] >= hi and len(ticks) >= 2
+    assert all(a < b for a, b in zip(ticks, ticks[1:])) and (ticks[0] > 0 or not log)
+    assert len(ticks) <= 16                                            # readable, not a comb
+
+
+def test_thick_lines_have_the_same_thickness_at_every_slope():
+    """Measured across the line (mean over 100 columns or rows, away from the ends): a nearly flat,
+    a shallow, a 38-degree and a steep line are all `width` thick (pillow's own wide line is 1
+    pixel thick when nearly flat)."""
+    for width in (2, 3):
+        for (x0, y0), (x1, y1) in [((10, 100), (190, 101)), ((10, 100), (190, 110)),
+                                   ((10, 10), (190, 150)), ((100, 10), (110, 190))]:
+            image = Image.new("L", (200, 200), 255)
+            tiny_demo.thick_line(image, [(x0, y0), (x1, y1)], 0, width)
+            pixels, angle = np.asarray(image) < 128, math.atan2(y1 - y0, x1 - x0)
+            if abs(math.sin(angle)) < abs(math.cos(angle)):           # shallow: down the columns
+                across = pixels[:, 50:150].sum() / 100 * abs(math.cos(angle))
+            else:                                                      # steep: along the rows
+                across = pixels[50:150, :].sum() / 100 * abs(math.sin(angle))
+            assert abs(across - width) < 0.15, (width, (x0, y0), (x1, y1), across)
+
+
+def test_cpu_estimate_names_each_part_and_grows_with_the_steps(tmp_path):
+    args = tiny_demo.parse_args(["--preset", "cpu", "--model", "tiny", "--batch-size", "4",
+                                 "--vae-width", "8", "--vae-batch", "4", "--cache", str(tmp_path)])
+    tiny_demo.check(args)
+    runs = [("", "", tiny_demo.make_run(args, name, name, name == "sra2"))
+            for name in ("baseline", "sra2")]
+    line = tiny_demo.estimate(args, torch.device("cpu"), runs, "data", uses_fid=False)
+    assert re.fullmatch(r"(note: a long run on a CPU: )?about \S+ here \(stage 1 \S+, 4 runs \S+; "
+                        r"from timed steps of each part\)", line), line
+
+
 def test_charts_and_grids_are_pngs(tmp_path):
     tiny_demo.line_chart(tmp_path / "c.png", [("a", [1, 2, 3], [300, 100, 30]),
                                               ("b", [1, 2, 3], [310, 90, 25])],
@@ -1772,6 +1815,9 @@ def test_whole_pipeline_writes_table_pngs_and_finite_fids(tmp_path):
     table = (out / "table.txt").read_text()
     assert "Table 2 in miniature" in table and "QUICK MODE" in table and "SYNTHETIC" in table
     assert "speed-up" in table and "VAE reconstruction floor" in table
+    # reconstructions have no sampler: the floor line names image counts only
+    assert re.search(r"^VAE reconstruction floor: FID-3 [0-9.]+, FID-3 [0-9.]+$",
+                     (out / "log.txt").read_text(), re.MULTILINE)
     pngs = ["fid_vs_steps.png", "fid_vs_time.png", "loss_curves.png", "samples_final.png",
             "vae_reconstructions.png"] + [f"samples_step{s:06d}.png" for s in (2, 4, 6, 8, 10)]
     for name in pngs:
