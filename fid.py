@@ -77,7 +77,7 @@ class Progress:
             return
         self.last, elapsed = now, now - self.start if elapsed is None else elapsed
         rate, total = done / max(elapsed, 1e-9), "?" if self.total is None else self.total
-        left = "" if self.total is None else fmt_time((total - done) / rate if rate else 0) + " left"
+        left = f"{fmt_time((total - done) / rate)} left" if rate and total != "?" else ""
         line = f"{self.label} {done}/{total}  {rate:.1f} {self.unit}/s  {left}  {note}".rstrip()
         if self.tty:
             print("\r" + line.ljust(100)[:160], end="", file=self.file, flush=True)
@@ -602,7 +602,7 @@ def _positive_int(text):
 
 
 def _run(args):
-    """The CLI. Every input problem (paths, .npz files, image headers) is found before the network."""
+    """The CLI; every input problem (paths, .npz files, image headers) shows before the network."""
     _check_device(args.device)
     inputs, out = (args.path[:1], args.path[1]) if args.save_stats else (args.path, None)
     for path in inputs:
