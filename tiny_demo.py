@@ -1357,30 +1357,34 @@ def axis_ticks(lo, hi, log=False):
     and every gridline is labelled: 1-2-5 per decade on a log axis over 5x or more, else steps
     of 1, 2 or 5 x 10^k (halved on a log axis until the first tick is above 0)."""
     if log and hi > 5 * lo:
-        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
         ticks = [m * 10.0 ** e for e in decades for m in (1, 2, 5)]
         first, last = max(v for v in ticks if v <= lo), min(v for v in ticks if v >= hi)
         return [v for v in ticks if first <= v <= last]
-    raw = (hi - lo) / 4 or abs(hi) / 4 or 1.0
+    raw = max(hi - lo, abs(hi) * 1e-6) / 4 or 1.0
     step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)),
                key=lambda v: abs(v - raw))
     while log and math.floor(lo / step) * step <= 0:
         step /= 2
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, max(last, first + 1) + 1)]
+    first, last = math.floor(lo / step), max(math.ceil(hi / step), math.floor(lo / step) + 1)
+    first -= first * step > lo                                 # float rounding of lo / step
+    last += last * step < hi
+    return [k * step for k in range(first, last + 1)]
 
 
-def thick_line(draw, points, color, width):
-    """A polyline of the same thickness at every slope: each segment a rectangle across its
-    direction, each joint a disc (pillow's wide lines thin out on shallow segments)."""
-    r = width / 2
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        length = math.hypot(x1 - x0, y1 - y0) or 1
-        nx, ny = -(y1 - y0) / length * r, (x1 - x0) / length * r         # normal, length r
-        draw.polygon([(x0 + nx, y0 + ny), (x1 + nx, y1 + ny), (x1 - nx, y1 - ny),
-                      (x0 - nx, y0 - ny)], fill=color)
-    for x, y in points:
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+def thick_line(image, points, color, width):
+    """A polyline of the same thickness at every slope: the pixels whose centres lie within
+    width / 2 of a segment (pillow's wide lines come out thinner on shallow segments)."""
+    r, mask = width / 2, np.zeros((image.height, image.width), bool)
+    for (x0, y0), (x1, y1) in zip(points, points[1:] or points):
+        top, left = max(int(min(y0, y1) - r), 0), max(int(min(x0, x1) - r), 0)
+        bottom = min(int(max(y0, y1) + r) + 2, image.height)
+        yy, xx = np.mgrid[top:bottom, left:min(int(max(x0, x1) + r) + 2, image.width)] + 0.5
+        dx, dy = x1 - x0, y1 - y0                      # nearest point: (x0, y0) + s (dx, dy)
+        s = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy or 1), 0, 1)
+        near = np.hypot(xx - x0 - s * dx, yy - y0 - s * dy) <= r
+        mask[top:bottom, left:left + xx.shape[1]] |= near
+    image.paste(color, mask=Image.fromarray(mask))
 
 
 def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
@@ -1418,12 +1422,12 @@ def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=
         color = COLORS[index % len(COLORS)]
         color = tuple(round(c + (255 - c) * 0.55) for c in color) if thin else color
         points = [(px(x), py(y)) for x, y in zip(sx, sy)]
-        thick_line(draw, points, color, 1.5 if thin else 2.5)
+        thick_line(img, points, color, 1.5 if thin else 2.5)
         for x, y in points if len(points) <= 30 and not thin else []:
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
         if label is not None:
             ly, legend = top + 10 + 22 * legend, legend + 1
-            thick_line(draw, [(W - right + 12, ly), (W - right + 36, ly)], color, 3)
+            thick_line(img, [(W - right + 12, ly), (W - right + 36, ly)], color, 3)
             put(draw, (W - right + 42, ly), label, small, "lm")
     img.save(path)
 
