@@ -131,6 +131,8 @@ def parse_args(argv=None):
     add("--mlp-depth", type=int, default=5, help="projector layers (%(default)s)")
     add("--mlp-width", type=int, help="projector width (default 2D)")
     add("--target-scale", type=float, default=1.0, help="SRA 2 target = this x the latent (1)")
+    add("--target", default="mean", choices=("mean", "sample"),
+        help="SRA 2 target: the posterior mean, or a fresh posterior sample each step (mean)")
     add("--lam", type=float, default=1.0, help="weight of the alignment loss (%(default)s)")
     add("--t-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
         help="align only where t in [LO, HI], t = 0 data (0 1)")
@@ -455,21 +457,25 @@ def train_vae(images, args, device):
 
 @torch.no_grad()
 def encode_all(vae, images, device, batch=1000):
-    """Posterior means of every image and of its mirror image: (2, N, C, 16, 16) float32 on CPU."""
-    out, bar = [[], []], Progress("stage 1: encoding", len(images), "img")
+    """Posterior means and standard deviations of every image and of its mirror image:
+    2 x (2, N, C, 16, 16) float32 on the CPU."""
+    out, bar = [[], [], [], []], Progress("stage 1: encoding", len(images), "img")
     for i in range(0, len(images), batch):
         x = to_float(torch.from_numpy(images[i:i + batch]).to(device))
         for flip in (0, 1):
-            out[flip].append(vae.encode(x.flip(3) if flip else x)[0].float().cpu())
+            mean, logvar = vae.encode(x.flip(3) if flip else x)
+            out[flip].append(mean.float().cpu())
+            out[2 + flip].append((0.5 * logvar.float()).exp().cpu())
         bar.update(i + len(x))
     bar.close()
-    return torch.stack([torch.cat(out[0]), torch.cat(out[1])])
+    pairs = [torch.stack([torch.cat(out[k]), torch.cat(out[k + 1])]) for k in (0, 2)]
+    return pairs[0], pairs[1]
 
 
 def stage1_path(args, data_id):
     settings = dict(width=args.vae_width, channels=args.latent_channels, kl=args.vae_kl,
                     lr=args.vae_lr, steps=args.vae_steps, batch=args.vae_batch, seed=VAE_SEED,
-                    version=1)
+                    version=2)
     return Path(args.cache) / f"stage1-{digest(settings, data_id)}.pt", settings
 
 
@@ -482,12 +488,13 @@ def stage1(images, data_id, args, device):
     else:
         tic = time.perf_counter()
         vae = train_vae(images, args, device)
-        latents = encode_all(vae, images, device)                      # (2, N, C, 16, 16)
+        latents, stds = encode_all(vae, images, device)                # 2 x (2, N, C, 16, 16)
         # Normalised to mean 0, std 1 (the SD-VAE's 0.18215 is such a scale): the noise
         # eps ~ N(0, I) must be on the latents' scale, and the SRA 2 target inherits it.
         shift, scale = latents.mean().item(), 1.0 / latents.std().item()
         saved = dict(vae={k: v.cpu() for k, v in vae.state_dict().items()}, settings=settings,
-                     latents=((latents - shift) * scale).half(), shift=shift, scale=scale,
+                     latents=((latents - shift) * scale).half(), std=(stds * scale).half(),
+                     shift=shift, scale=scale,
                      raw_std=latents.std().item(), seconds=time.perf_counter() - tic)
         atomic_write(path, lambda tmp: torch.save(saved, tmp))
         say(f"stage 1: VAE trained and {2 * len(images)} latents encoded in "
@@ -498,6 +505,7 @@ def stage1(images, data_id, args, device):
     say(f"        latents {tuple(z.shape[1:])} x 2 flips; raw std {saved['raw_std']:.3f}, "
         f"shift {saved['shift']:+.3f}, scale {saved['scale']:.4f} (std now {z.std():.3f})")
     return SimpleNamespace(vae=vae.to(device).eval().requires_grad_(False), latents=z,
+                           std=saved["std"].float(),
                            shift=saved["shift"], scale=saved["scale"],
                            seconds=saved.get("seconds", 0.0))
 
@@ -526,15 +534,18 @@ class Run:
     mlp_depth: int
     mlp_width: int
     target_scale: float
+    target: str                                      # "mean" or "sample" of the VAE posterior
     settings: str = ""                               # the SRA 2 settings in words
 
 
 def make_run(args, name, label, align, **changes):
     run = Run(name, label, align, args.align_depth, args.align_loss, args.lam,
-              tuple(args.t_range), args.mlp_depth, args.mlp_width, args.target_scale)
+              tuple(args.t_range), args.mlp_depth, args.mlp_width, args.target_scale,
+              args.target)
     run = dataclasses.replace(run, **changes)
     width = f"width {run.mlp_width}" if run.mlp_width else "width 2D"
     scale = f", target x {run.target_scale:g}" if run.target_scale != 1 else ""
+    scale += ", target a posterior sample" if run.target == "sample" else ""
     run.settings = "vanilla" if not align else (
         f"block {run.align_depth}, {run.align_loss}, lambda {run.lam:g}, t in [{run.t_range[0]:g}, "
         f"{run.t_range[1]:g}], {run.mlp_depth}-layer MLP of {width}{scale}")
@@ -649,6 +660,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     net, proj = data_parallel(model, device), data_parallel(projector, device)
     forward = torch.compile(net) if args.compile else net
     latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
+    stds = stage.std.to(device) if proj and run.target == "sample" else None
     due = lambda count: {round(args.steps * (i + 1) / count) for i in range(count)}
     eval_steps, heldout_steps = due(args.evals), due(args.heldout_evals)
     generator, mine = torch.Generator(device), slice(rank, None, world)  # this rank's share
@@ -662,7 +674,10 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
                                   model.config.class_dropout_prob)
         idx, flip, t, eps, drop = idx[mine], flip[mine], t[mine], eps[mine], drop[mine]
         z, y = latents[flip, idx], labels[idx]                 # (B / world, C, 16, 16), (B / world)
-        target = sra2.patchify(z, model.config.patch_size) * run.target_scale if proj else None
+        goal = z if stds is None else z + stds[flip, idx] * torch.randn(       # z ~ q(z | x),
+            (args.batch_size, *z.shape[1:]), generator=generator, device=device)[mine]  # drawn
+        # after step_noise's draws, so t, eps and the dropped labels stay those of the baseline
+        target = sra2.patchify(goal, model.config.patch_size) * run.target_scale if proj else None
         with sra2.autocast(device, enabled=device.type == "cuda"):
             parts = sra2.training_loss(forward, z, y, proj, lam=run.lam, t=t, eps=eps,
                                        align_depth=run.align_depth, align_loss=run.align_loss,
