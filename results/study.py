@@ -39,6 +39,7 @@ VARIANTS = {
     "block3":     ("block 3 (of 4)", ["--runs", "sra2", "--align-depth", "3"], "base"),
     "scale0.25":  ("target x 0.25", ["--runs", "sra2", "--target-scale", "0.25"], "base"),
     "scale4":     ("target x 4", ["--runs", "sra2", "--target-scale", "4"], "base"),
+    "sample":     ("posterior sample as the target", ["--runs", "sra2", "--target", "sample"], "base"),
     "lr1e-3_base": ("baseline, lr 1e-3", ["--runs", "baseline", "--lr", "1e-3"], None),
     "lr1e-3":     ("lr 1e-3", ["--runs", "sra2", "--lr", "1e-3"], "lr1e-3_base"),
     "small_base": ("baseline, small SiT (8 blocks)", ["--runs", "baseline", "--model", "small"], None),
@@ -152,8 +153,7 @@ def study_text(records):
              "", "| variant | seeds | held-out loss gap | low t | middle t | high t | gap at 1/4 of the run | "
              "time per step* | steps above the clip (base / SRA 2) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, (what, _, base_name) in VARIANTS.items():
-        pairs = [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
-                 if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+        pairs = screen_pairs(records, name)
         if not pairs:
             continue
         cell = lambda key, at=-1: f"{mean([gap(a, b, key, at) for a, b in pairs]):+.2f}% (" + \
@@ -208,23 +208,65 @@ def confirm_lines(confirm):
     return lines
 
 
+def screen_pairs(records, name):
+    """(SRA 2 record, its baseline's record) for each screen seed of variant `name` found."""
+    base_name = VARIANTS[name][2]
+    return [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
+            if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+
+
+def gap_chart(path, rows, title):
+    """rows: (label, [gap per seed]). One bar per row (the mean), a dot per seed, 0 marked."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=14)
+    left, width, row, top = 330, 520, 26, 56
+    values = [g for _, gaps in rows for g in gaps] + [0.0]
+    lo, hi = math.floor(min(values) * 2) / 2, math.ceil(max(values) * 2) / 2
+    x = lambda g: left + (g - lo) / (hi - lo) * width
+    img = Image.new("RGB", (left + width + 40, top + row * len(rows) + 50), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 12), title, fill="black", font=font)
+    for k in range(round((hi - lo) * 2) + 1):                       # gridlines every 0.5%
+        g, bottom = lo + k / 2, top + row * len(rows)
+        draw.line([(x(g), top - 4), (x(g), bottom)], fill=(120, 120, 120) if g == 0 else (225, 225, 225),
+                  width=2 if g == 0 else 1)
+        draw.text((x(g), bottom + 6), f"{g:+.1f}%", fill="black", font=font, anchor="ma")
+    for i, (label, gaps) in enumerate(rows):
+        mid, mean = top + row * i + row / 2, sum(gaps) / len(gaps)
+        draw.text((left - 10, mid), label, fill="black", font=font, anchor="rm")
+        color = (44, 160, 44) if mean < 0 else (214, 39, 40)
+        draw.rectangle([min(x(0), x(mean)), mid - 7, max(x(0), x(mean)), mid + 7], fill=color)
+        for g in gaps:
+            draw.ellipse([x(g) - 4, mid - 4, x(g) + 4, mid + 4], fill="black")
+    img.save(path)
+
+
 def charts(records):
-    """results/study_gap.png: each variant's held-out gap against its baseline, mean of the screen
-    seeds; results/confirm_*.png: both runs of the confirmation, mean (thick) and each seed (thin)."""
+    """results/study_gap.png: each variant's held-out gap against its baseline at the last step,
+    the mean (bar) and each screen seed (dot); results/confirm_*.png: both runs of the
+    confirmation, mean (thick) and each seed (thin)."""
     import tiny_demo
-    series = []
-    for i, (name, (what, _, base_name)) in enumerate(VARIANTS.items()):
-        pairs = [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
-                 if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+    rows = [(what, [gap(a, b) for a, b in screen_pairs(records, name)]) for name, (what, _, _) in VARIANTS.items()]
+    rows = [(what.split(" (")[0], gaps) for what, gaps in rows if gaps]
+    if rows:
+        gap_chart(HERE / "study_gap.png", rows, "SRA 2 against its baseline: held-out loss gap at the last step "
+                  "(below 0: SRA 2 better); bar: mean, dots: seeds 0 and 1")
+    confirm = [r for k, r in records.items() if k in CONFIRM]
+    series = []                                   # how the gap moves with training steps
+    for i, name in enumerate(("sra", "lam0.1", "small")):
+        pairs = screen_pairs(records, name)
         if pairs:
             steps = [e["step"] for e in pairs[0][0]["heldout"]]
-            gaps = [sum(gap(a, b, "loss", j) for a, b in pairs) / len(pairs) for j in range(len(steps))]
-            series.append((what.split(' (')[0], steps, gaps, i))
+            series.append((f"{VARIANTS[name][0].split(' (')[0][:18]}, screen", steps,
+                           [sum(gap(a, b, "loss", j) for a, b in pairs) / len(pairs) for j in range(len(steps))], i))
+    for i, r in enumerate(confirm):
+        base, sra = r["runs"]["baseline"]["heldout"], r["runs"]["sra2"]["heldout"]
+        series.append((f"lambda 0.1, cpu, seed {r['seed']}", [e["step"] for e in base],
+                       [100 * (a["loss"] / b["loss"] - 1) for a, b in zip(sra, base)], 3 + i))
     if series:
-        series.append((None, [0, series[0][1][-1]], [0, 0], 7, True))
-        tiny_demo.line_chart(HERE / "study_gap.png", series, "SRA 2 against its baseline: held-out loss gap "
-                             "(%, below 0: SRA 2 better), mean of seeds 0, 1", "training steps", "gap (%)")
-    confirm = [r for k, r in records.items() if k in CONFIRM]
+        series.append((None, [0, max(s[1][-1] for s in series)], [0, 0], 7, True))
+        tiny_demo.line_chart(HERE / "study_steps.png", series, "SRA 2 against its baseline: held-out loss gap "
+                             "(%, below 0: SRA 2 better); screen: mean of seeds 0, 1", "training steps", "gap (%)")
     for key, metric, label in (("heldout", "loss", "held-out loss"), ("fid", "fid", "FID-250 (25-step SDE)")):
         series = []
         for i, name in enumerate(("baseline", "sra2")):
