@@ -7,7 +7,8 @@ Every run is one `tiny_demo.py` command (printed in the table beside its numbers
 a seed share the SiT init, the batches and the noise, so each SRA 2 variant is compared with the
 baseline of the same seed and settings on identical draws. Settings are chosen on seeds 0 and 1
 with the held-out loss only; the chosen setting is then confirmed with FID on seeds 2 and 3.
-`run` works through the runs not yet finished, `lanes` processes at a time, one thread each.
+`run` works through the runs not yet finished, `lanes` processes at a time, one thread each
+unless `--threads` says otherwise.
 """
 import argparse
 import json
@@ -64,22 +65,22 @@ CONFIRM_CONDITIONS = {
 }
 
 
-def command(job, data=None, work=None):
+def command(job, data=None, work=None, threads=1):
     """The tiny_demo.py command line of one job ("<variant>-s<seed>")."""
     name, seed = job.rsplit("-s", 1)
     flags = [*SCREEN, *VARIANTS[name][1]] if name in VARIANTS else CONFIRM_FLAGS
-    flags = [*flags, "--seed", seed, "--threads", "1", "--out", f"{work}/{job}"]
+    flags = [*flags, "--seed", seed, "--threads", str(threads), "--out", f"{work}/{job}"]
     return ["python", "tiny_demo.py", *flags] + (["--data", str(data)] if data else []) + \
         (["--cache", f"{work}/cache"] if work else [])
 
 
-def run(jobs, lanes, data, work):
+def run(jobs, lanes, data, work, threads=1):
     def one(job):
         if (Path(work) / job / "results.json").is_file():
             return f"{job}: done before"
         log = Path(work) / f"{job}.log"
         with open(log, "w") as f:
-            rc = subprocess.call(command(job, data, work) + ["--resume"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            rc = subprocess.call(command(job, data, work, threads) + ["--resume"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         return f"{job}: exit {rc} ({log})"
     with ThreadPoolExecutor(lanes) as pool:
         for line in pool.map(one, jobs):
@@ -202,6 +203,8 @@ def confirm_lines(confirm):
                         f"({CONFIRM_CONDITIONS.get(r['seed'], 'conditions not recorded')})"
                         for r in confirm.values()) +
               ". FID weights: the fp32 copy without fc, given by SRA2_INCEPTION_WEIGHTS.",
+              "", "Speed-up as the demo reads it (the first checkpoint where SRA 2's FID-250 is at or below "
+              "the baseline's final one): " + "; ".join(speedup(r) for r in confirm.values()) + ".",
               "", "Held-out loss cost against training time: " + ", ".join(
                   f"seed {r['seed']} {name} {100 * x['heldout_seconds'] / x['train_seconds']:.1f}%"
                   for r in confirm.values() for name, x in r["runs"].items()) + "."]
@@ -239,6 +242,14 @@ def gap_chart(path, rows, title):
         for g in gaps:
             draw.ellipse([x(g) - 4, mid - 4, x(g) + 4, mid + 4], fill="black")
     img.save(path)
+
+
+def speedup(r):
+    """Where SRA 2's FID reaches the baseline's final FID, in the words of the table."""
+    base, sra = r["runs"]["baseline"]["fid"], r["runs"]["sra2"]["fid"]
+    reached = [e["step"] for e in sra if e["fid"] <= base[-1]["fid"]]
+    return (f"seed {r['seed']}: " + (f"at step {reached[0]} of {base[-1]['step']}" if reached else
+            f"none (SRA 2 ends at {sra[-1]['fid']:.1f}, the baseline at {base[-1]['fid']:.1f})"))
 
 
 def charts(records):
@@ -288,11 +299,12 @@ def main(argv=None):
     p.add_argument("what", choices=("run", "table"))
     p.add_argument("jobs", nargs="*", help="jobs to run, e.g. sra-s0 (default: the whole queue)")
     p.add_argument("--lanes", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per run (%(default)s)")
     p.add_argument("--data", default=None, help="CIFAR-10 folder (default: tiny_demo.py downloads it)")
     p.add_argument("--work", default=str(REPO / "demo_out" / "study"), help="where runs write (%(default)s)")
     a = p.parse_args(argv)
     if a.what == "run":
-        run(a.jobs or QUEUE, a.lanes, a.data, a.work)
+        run(a.jobs or QUEUE, a.lanes, a.data, a.work, a.threads)
     else:
         collect(a.work)
         table(load_records())
