@@ -1,9 +1,8 @@
 """FID and Inception Score with the numbers the field trusts: torch, numpy and pillow only.
 
-Network: TF's "inception-2015-12-05" graph as pytorch-fid ports it, quirks included. Features: the
-2048-d pool3 of Mixed_7c; logits: the 1008-way fc without its bias, for Inception Score. Weights:
-pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once into ~/.cache/sra2 (SHA-256
-checked), or a local copy; one without fc gives FID only.
+Network: TF's "inception-2015-12-05" graph as pytorch-fid ports it, quirks included: the 2048-d
+pool3 features of Mixed_7c, and the 1008-way fc without its bias for Inception Score. Weights:
+pytorch-fid's .pth, downloaded once into ~/.cache/sra2 (SHA-256 checked) or a local copy.
 Preprocessing: two conventions, ~24% apart per image at 32 px, ~14% at 64 px, ~0.3% at 299 px, so
 every FID printed names its own. Both match features saved from the real tools (tested to 1e-4).
   "tf" (default)  the papers' evaluators (ADM, StyleGAN/EDM): uint8 as float, TF1 bilinear resize
@@ -116,8 +115,7 @@ def conv_bn_relu(c_in, c_out, kernel_size, stride=1, padding=0):
         bn=nn.BatchNorm2d(c_out, eps=0.001), relu=nn.ReLU()))
 
 
-POOLS = {  # TF's average pool divides by the real pixels, not 9: count_include_pad=True (the
-    # torchvision default) is the classic porting bug that shifts FID.
+POOLS = {  # TF's avg pool divides by the real pixels (count_include_pad=True: the classic bug)
     "avg": lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
     "max": lambda x: F.max_pool2d(x, 3, stride=1, padding=1),  # Mixed_7c (likely a TF bug, kept)
     "max/2": lambda x: F.max_pool2d(x, 3, stride=2),           # the grid reductions
@@ -158,8 +156,7 @@ class Mixed(nn.Module):
                 prefix = branch if len(steps) == 1 else f"{branch}_{i}"
                 chain.append([prefix + ab for ab in ("ab" if len(pair) > 1 else [""])])
                 for name, (c_out, kernel, *stride) in zip(chain[-1], pair):  # stride: () or (2,)
-                    k = (kernel, kernel) if isinstance(kernel, int) else kernel
-                    padding = 0 if stride else (k[0] // 2, k[1] // 2)
+                    padding = 0 if stride else "same"  # odd kernels: k // 2 on both sides
                     self.add_module(name, conv_bn_relu(c, c_out, kernel, *stride, padding=padding))
                 c = c_out
             self.branches.append((pool, chain))
@@ -201,8 +198,6 @@ class FIDInceptionV3(nn.Module):
         return features, logits
 
 
-# Weights: argument, then $SRA2_INCEPTION_WEIGHTS, then the cache, then one download
-
 def _cache_path():
     return Path.home() / ".cache" / "sra2" / "pt_inception-2015-12-05-6726825d.pth"
 
@@ -221,6 +216,7 @@ def _download(url, dest, sha256):
 
 
 def _resolve_weights(weights=None):
+    """The argument, else $SRA2_INCEPTION_WEIGHTS, else the cache, else one download into it."""
     if weights is not None or os.environ.get(WEIGHTS_ENV):
         return Path(weights if weights is not None else os.environ[WEIGHTS_ENV])
     if (cached := _cache_path()).is_file():
@@ -251,8 +247,7 @@ def _check_device(device):
 
 
 def load_inception(weights=None, device="cpu"):
-    """The FID Inception network (eval, float32) on `device` from `weights`, a .pth (pytorch-fid's
-    or its -nofc / -nofc-fp16 files) or None: resolved as above. Bad files: an error naming them."""
+    """FIDInceptionV3 (eval, float32) on `device` from pytorch-fid's .pth (or -nofc, -nofc-fp16)."""
     device, path = _check_device(device), _resolve_weights(weights)
     _require(path.is_file(), f"FID Inception weights not found: {path}", FileNotFoundError)
     try:
@@ -271,7 +266,7 @@ def load_inception(weights=None, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing (uint8 images -> (N, 3, 299, 299) float32) and statistics
+# Preprocessing (uint8 images -> (N, 3, 299, 299) float32), statistics, image folders, .npz files
 
 def _as_nchw_uint8(images):
     """uint8 (N, H, W, 3) or (N, 3, H, W), numpy or torch -> (N, 3, H, W); (N, 3, H, 3) is NCHW."""
@@ -304,8 +299,7 @@ def preprocess(images, convention="tf"):
              f"convention must be one of {CONVENTIONS}, got {convention!r}")
     x = _as_nchw_uint8(images).float()
     if convention == "pytorch-fid":
-        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     resize_h = _tf1_resize_matrix(x.shape[2], 299, x.device)  # (299, H)
     resize_w = _tf1_resize_matrix(x.shape[3], 299, x.device)  # (299, W)
     return (resize_h @ x @ resize_w.T - 128) / 128            # (N, 3, 299, 299)
@@ -340,10 +334,9 @@ class FeatureStats:
 
 @contextlib.contextmanager
 def _full_float32():
-    """TF32 (and oneDNN's bf16/tf32 modes on CPU) off, restored afterwards: FID must not depend on
-    which chip computed it. Newer torch refuses to mix its two flag APIs, so use one of them."""
+    """TF32 (and oneDNN's bf16/tf32 on CPU) off inside: FID must not depend on the chip."""
     b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):  # never mix the APIs
         layers = [b.cuda.matmul, b.cudnn.conv, *(getattr(b.mkldnn, op) for op in ("matmul", "conv")
                                                  if hasattr(b.mkldnn, op))]
         flags = [(layer, "fp32_precision", "ieee") for layer in layers]
@@ -361,11 +354,10 @@ def _full_float32():
 
 def compute_statistics(images, model=None, batch_size=200, device=None, convention="tf",
                        weights=None, progress=False, return_is_logits=False, total=None):
-    """Pool3 statistics (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3)
-    or (N, 3, H, W), numpy or torch, or an iterable of such batches (to stream generated images).
-    model: from load_inception (else loaded from `weights`); device: default the model's.
-    progress: a line on stderr once it takes over a second (`total`: N of an iterable).
-    return_is_logits: also the (N, K) logits for inception_score (needs the weights with fc)."""
+    """Pool3 (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3) or (N, 3, H,
+    W), numpy or torch, or an iterable of such batches (to stream generated images). model: from
+    load_inception, else loaded from `weights`; progress: a line on stderr once it takes over 1 s
+    (`total`: N of an iterable); return_is_logits: also the (N, K) logits for inception_score."""
     _require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
              f"batch_size must be an integer >= 1, got {batch_size!r}")
     if whole := isinstance(images, (np.ndarray, torch.Tensor)):
@@ -396,9 +388,6 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
     mu, sigma = stats.mean_cov()
     return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
 
-
-# ----------------------------------------------------------------------------------------------
-# Files: image folders in, .npz statistics (pytorch-fid's format) in and out
 
 def _read_image(file, decode=True):
     """(H, W, 3) uint8 RGB array of an image file; decode=False: its (W, H) from the header."""
@@ -432,8 +421,7 @@ def _folder_batches(files, batch_size):
 
 
 def statistics_from_folder(path, batch_size=200, **kwargs):
-    """compute_statistics over the image files directly in folder `path`, in sorted order, all of
-    one size: FID over mixed sizes would mix what resizing to 299 does to each (see the top)."""
+    """compute_statistics of the images in folder `path`, all of one size (resizing changes FID)."""
     files = _image_files(path)
     return compute_statistics(_folder_batches(files, batch_size), batch_size=batch_size,
                               total=len(files), **kwargs)
@@ -449,8 +437,7 @@ def _check_stats(mu, sigma, name="statistics"):
 
 
 def save_statistics(path, mu, sigma, convention=None):
-    """.npz with mu, sigma (as pytorch-fid) and the convention if known, ".npz" added if missing;
-    an existing file is only ever replaced by a complete one."""
+    """.npz (appended if missing) with mu, sigma and the convention; never a half-written file."""
     mu, sigma = _check_stats(mu, sigma)
     extra = {} if convention is None else {"convention": np.array(convention)}
     path = Path(path if str(path).endswith(".npz") else f"{path}.npz")
@@ -496,8 +483,7 @@ def psd_factor(sigma, name="sigma"):
     _require(np.abs(sigma - sigma.T).max() <= 1e-6 * max(1.0, np.abs(sigma).max()),
              f"{name} is not symmetric, so it is no covariance")
     w, v = np.linalg.eigh(sigma)
-    # the sqrtm formula would see an imaginary part > 1e-3
-    _require(w.min() >= -1e-6 * max(1.0, w.max()),
+    _require(w.min() >= -1e-6 * max(1.0, w.max()),  # sqrtm would see an imaginary part > 1e-3
              f"{name} is not positive semi-definite (eigenvalue {w.min():.3g})")
     keep = w > len(w) * np.finfo(np.float64).eps * np.abs(w).max()
     return v[:, keep] * np.sqrt(w[keep])
@@ -505,22 +491,19 @@ def psd_factor(sigma, name="sigma"):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64. With S = C C^T, S1 S2 has
-    the non-zero eigenvalues of (C2^T C1)^T (C2^T C1), so tr((S1 S2)^(1/2)) is the sum of the
-    singular values of C2^T C1: exact for PSD covariances, also singular ones (N < D), no square
-    roots of rounding noise, ~2x faster than scipy's sqrtm; pytorch-fid's value to 1e-6 (tested)."""
+    the non-zero eigenvalues of (C2^T C1)^T (C2^T C1): tr((S1 S2)^(1/2)) is the sum of the singular
+    values of C2^T C1, exact also for singular S (N < D), ~2x faster than scipy's sqrtm (tested)."""
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
     _require(mu1.shape == mu2.shape,
              f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
     cross = psd_factor(sigma2, "sigma2").T @ psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
     tr_covmean = np.linalg.svd(cross, compute_uv=False).sum()                # tr((S1 S2)^(1/2))
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def inception_score(logits, splits=10):
-    """(mean, std) over `splits` equal parts of exp(mean_x KL(p(y|x) || p(y))), p(y|x) = softmax of
-    the (N, K=1008) logits computed without the fc bias (what compute_statistics returns)."""
+    """(mean, std) of exp(mean_x KL(p(y|x) || p(y))) over `splits` parts of the (N, K) logits."""
     logits = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
     _require(logits.ndim == 2 and logits.shape[0] >= splits >= 1,
              f"need (N, K) logits with N >= splits = {splits}, got {tuple(logits.shape)}")
@@ -567,7 +550,6 @@ def _run(args):
             _folder_batches(files, args.batch_size), model=model, batch_size=args.batch_size,
             device=args.device, convention=args.convention, progress=True, total=len(files)),
             args.convention)
-    fid = None
     if out:
         save_statistics(out, *stats[inputs[0]])
         print(f"saved statistics ({args.convention} convention) to {out}")
@@ -583,7 +565,7 @@ def _run(args):
         print(f"warning: {path} has {len(folders[path])} images, fewer than the 2048 features: "
               f"FID reads high and depends on N; compare FIDs at one N (the papers use 50,000)",
               file=sys.stderr)
-    return fid
+    return None if out else fid
 
 
 def main(argv=None):
