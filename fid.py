@@ -187,6 +187,8 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008) if with_fc else None  # bias is loaded but never used
 
     def forward(self, x):
+        _require(x.ndim == 4 and tuple(x.shape[1:]) == (3, 299, 299),
+                 f"expected a preprocessed (N, 3, 299, 299) batch, got {tuple(x.shape)}")
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
         x = F.max_pool2d(x, 3, stride=2)                                      # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)

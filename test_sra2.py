@@ -1204,6 +1204,17 @@ def test_fid_preprocess_at_299_is_only_the_value_map():
         fid.preprocess(images, "clean-fid")
 
 
+def test_fid_inception_refuses_a_batch_that_is_not_preprocessed():
+    model = fid.FIDInceptionV3(with_fc=False)
+    # unbatched (3, 299, 299) would run through the convolutions; NHWC and 32 px would fail deep
+    for shape in [(3, 299, 299), (2, 299, 299, 3), (2, 3, 32, 32), (2, 1, 299, 299)]:
+        with pytest.raises(ValueError, match=re.escape(f"(N, 3, 299, 299) batch, got {shape}")):
+            model(torch.zeros(shape))
+    with torch.no_grad():
+        features, logits = model(torch.zeros(1, 3, 299, 299))
+    assert features.shape == (1, 2048) and logits is None
+
+
 def test_fid_batches_are_cut_to_batch_size_and_streams_are_accepted():
     model, rng = _FidStandIn(), np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
