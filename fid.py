@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 import sra2
 
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
+                   + FID_WEIGHTS_FILE)
 # the SHA-256 other FID tools pin for this URL (95,628,359 bytes); torch.hub's name has 8 digits
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WEIGHTS_ENV = "SRA2_INCEPTION_WEIGHTS"
@@ -59,7 +60,6 @@ def fmt_time(seconds):
 class Progress:
     """A status line with rate and time left, in place on a terminal, else every 15 s and at the
     end (total None: unknown), on rank 0 only (torch.distributed). `elapsed` leaves pauses out."""
-
     def __init__(self, label, total, unit="it", *, file=None):
         self.label, self.total, self.unit, self.file = label, total, unit, file or sys.stdout
         self.start = self.last = time.perf_counter()
@@ -100,7 +100,6 @@ def atomic_write(path, write):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `prog: error: message`, exit status 2."""
-
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -144,7 +143,6 @@ class Mixed(nn.Module):
     """Inception block: branches concatenated on channels. A branch: an optional pool, then convs
     (c_out, kernel[, stride]) in a chain, size kept at stride 1; a pair [conv, conv] forks and
     concatenates. Names are pytorch-fid's: the branch's for one conv, else branch_1, branch_2a."""
-
     def __init__(self, c_in, **branches):
         super().__init__()
         self.branches = []  # (pool or None, [names of each step's convs])
@@ -174,7 +172,6 @@ class Mixed(nn.Module):
 class FIDInceptionV3(nn.Module):
     """Input: (N, 3, 299, 299) float32 from `preprocess`. Output: pool3 features (N, D=2048) and
     logits (N, K=1008) WITHOUT the fc bias (what Inception Score uses), or None without `fc`."""
-
     def __init__(self, with_fc=True):
         super().__init__()
         self.Conv2d_1a_3x3 = conv_bn_relu(3, 32, 3, stride=2)
@@ -200,10 +197,6 @@ class FIDInceptionV3(nn.Module):
         return features, logits
 
 
-def _cache_path():
-    return Path.home() / ".cache" / "sra2" / "pt_inception-2015-12-05-6726825d.pth"
-
-
 def _download(url, dest, sha256):
     """Fetch url to dest, SHA-256 checked; a wrong or half-written file never appears as dest."""
     def fetch(tmp):
@@ -212,25 +205,8 @@ def _download(url, dest, sha256):
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        _require(digest.hexdigest() == sha256,
-                 f"SHA-256 of {url} is {digest.hexdigest()}, expected {sha256}")
+        _require((got := digest.hexdigest()) == sha256, f"{url}: SHA-256 {got}, expected {sha256}")
     return atomic_write(dest, fetch)
-
-
-def _resolve_weights(weights=None):
-    """The argument, else $SRA2_INCEPTION_WEIGHTS, else the cache, else one download into it."""
-    if weights is not None or os.environ.get(WEIGHTS_ENV):
-        return Path(weights if weights is not None else os.environ[WEIGHTS_ENV])
-    if (cached := _cache_path()).is_file():
-        return cached
-    try:
-        print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
-        return _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
-    except Exception as error:
-        raise FileNotFoundError(
-            f"no FID Inception weights ({error}): pass a local copy of {cached.name} with "
-            f"--weights (fid.py) or --inception (tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, "
-            f"or put it at {cached}") from error
 
 
 def _check_device(device):
@@ -249,8 +225,20 @@ def _check_device(device):
 
 
 def load_inception(weights=None, device="cpu"):
-    """FIDInceptionV3 (eval, float32) on `device` from pytorch-fid's .pth (or -nofc, -nofc-fp16)."""
-    device, path = _check_device(device), _resolve_weights(weights)
+    """FIDInceptionV3 (eval, float32) on `device` from pytorch-fid's .pth (or -nofc, -nofc-fp16):
+    `weights`, else $SRA2_INCEPTION_WEIGHTS, else the cache, else one download into the cache."""
+    device, cached = _check_device(device), Path.home() / ".cache/sra2" / FID_WEIGHTS_FILE
+    path = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or None
+    if path is None and not cached.is_file():
+        try:
+            print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
+            _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
+        except Exception as error:
+            raise FileNotFoundError(f"no FID Inception weights ({error}): pass a local copy of "
+                                    f"{cached.name} with --weights (fid.py) or --inception "
+                                    f"(tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, or put "
+                                    f"it at {cached}") from error
+    path = Path(cached if path is None else path)
     _require(path.is_file(), f"FID Inception weights not found: {path}", FileNotFoundError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -297,8 +285,7 @@ def _tf1_resize_matrix(size_in, size_out, device):
 
 def preprocess(images, convention="tf"):
     """uint8 images (N, 3, H, W) (or NHWC, numpy) -> float32 (N, 3, 299, 299) on their device."""
-    _require(convention in CONVENTIONS,
-             f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    _require(convention in CONVENTIONS, f"convention {convention!r} is not one of {CONVENTIONS}")
     x = _as_nchw_uint8(images).float()
     if convention == "pytorch-fid":
         return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
@@ -310,7 +297,6 @@ def preprocess(images, convention="tf"):
 class FeatureStats:
     """Streaming float64 mean and covariance in D + D^2 sums of f - shift (the first batch's mean:
     no digits cancel), kept on the features' device (the D x D update is fast on a GPU)."""
-
     def __init__(self):
         self.n, self.shift, self.sum, self.sum_outer = 0, None, 0, 0
 
@@ -322,9 +308,8 @@ class FeatureStats:
         _require(f.shape[1] == self.shift.shape[0],
                  f"features have D = {f.shape[1]}, earlier ones D = {self.shift.shape[0]}")
         centred = f.to(self.shift.device) - self.shift  # (N, D)
-        self.n += f.shape[0]
-        self.sum = self.sum + centred.sum(dim=0)
-        self.sum_outer = self.sum_outer + centred.T @ centred  # (D, D)
+        self.n, self.sum = self.n + f.shape[0], self.sum + centred.sum(dim=0)  # (D,)
+        self.sum_outer = self.sum_outer + centred.T @ centred                  # (D, D)
 
     def mean_cov(self):
         """(mu (D,), sigma (D, D)) as float64 numpy; sigma is unbiased (divides by N - 1)."""
@@ -339,9 +324,8 @@ def _full_float32():
     """TF32 (and oneDNN's bf16/tf32 on CPU) off inside: FID must not depend on the chip."""
     b = torch.backends
     if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):  # never mix the APIs
-        layers = [b.cuda.matmul, b.cudnn.conv, *(getattr(b.mkldnn, op) for op in ("matmul", "conv")
-                                                 if hasattr(b.mkldnn, op))]
-        flags = [(layer, "fp32_precision", "ieee") for layer in layers]
+        flags = [(layer, "fp32_precision", "ieee") for layer in (b.cuda.matmul, b.cudnn.conv, *(
+            getattr(b.mkldnn, op) for op in ("matmul", "conv") if hasattr(b.mkldnn, op)))]
     else:
         flags = [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
     with contextlib.ExitStack() as restore:  # on exit: the precision, then each flag
@@ -367,9 +351,8 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
         _require(total >= 2, f"a covariance needs at least 2 images, got {total}")
     model = load_inception(weights, device or "cpu") if model is None else model
     device = _check_device(device) if device else next(model.parameters()).device
-    _require(not return_is_logits or getattr(model, "fc", None) is not None,
-             "Inception Score needs the weights with the 1008-way fc layer "
-             "(pt_inception-2015-12-05-6726825d.pth); the -nofc files give features only")
+    _require(not return_is_logits or getattr(model, "fc", None) is not None, f"Inception Score "
+             f"needs the 1008-way fc layer of {FID_WEIGHTS_FILE}; -nofc files give features only")
     stats, all_logits = FeatureStats(), []
     bar = Progress("Inception features", total, "img", file=sys.stderr) if progress else None
     # autocast off: a caller's bf16 context must not leak into the features.
@@ -391,50 +374,41 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
     return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
 
 
-def _read_image(file, decode=True):
-    """(H, W, 3) uint8 RGB array of an image file; decode=False: its (W, H) from the header."""
+def _folder_batches(path, batch_size):
+    """(N, batches) of folder `path`'s sorted images: headers checked now (one size), read later."""
     from PIL import Image  # pillow only needed for folders
-    try:
-        with Image.open(file) as image:
-            return np.asarray(image.convert("RGB")) if decode else image.size
-    except Exception as error:  # not an image, truncated, unreadable
-        raise ValueError(f"{file}: not a readable image "
-                         f"({type(error).__name__}: {error})") from error
-
-
-def _image_files(path):
-    """Sorted image files in folder `path`, all of one size (from their headers), or an error."""
+    def read(file, decode=True):  # decode=False: (W, H) from the header
+        try:
+            with Image.open(file) as image:
+                return np.asarray(image.convert("RGB")) if decode else image.size
+        except Exception as error:  # not an image, truncated, unreadable
+            raise ValueError(f"{file}: not a readable image "
+                             f"({type(error).__name__}: {error})") from error
     path = Path(path)
     _require(path.exists(), f"{path}: no such file or directory", FileNotFoundError)
     _require(path.is_dir(), f"{path}: not a folder", NotADirectoryError)
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     _require(files, f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
-    w, h = _read_image(files[0], decode=False)
+    w, h = read(files[0], decode=False)
     for file in files[1:]:  # the first bad file is the one named
-        size = _read_image(file, decode=False)
+        size = read(file, decode=False)
         _require(size == (w, h), f"{file} is {size[0]}x{size[1]} but {files[0]} is {w}x{h}: a "
                  f"folder's images must have one size (resize them first)")
-    return files
-
-
-def _folder_batches(files, batch_size):
-    return (np.stack([_read_image(file) for file in files[start:start + batch_size]])
-            for start in range(0, len(files), batch_size))
+    return len(files), (np.stack([read(file) for file in files[i:i + batch_size]])
+                        for i in range(0, len(files), batch_size))
 
 
 def statistics_from_folder(path, batch_size=200, **kwargs):
     """compute_statistics of the images in folder `path`, all of one size (resizing changes FID)."""
-    files = _image_files(path)
-    return compute_statistics(_folder_batches(files, batch_size), batch_size=batch_size,
-                              total=len(files), **kwargs)
+    n, batches = _folder_batches(path, batch_size)
+    return compute_statistics(batches, batch_size=batch_size, total=n, **kwargs)
 
 
 def _check_stats(mu, sigma, name="statistics"):
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     _require(mu.ndim == 1 and sigma.shape == (mu.shape[0], mu.shape[0]),
              f"{name}: need mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    _require(np.isfinite(mu).all() and np.isfinite(sigma).all(),
-             f"{name}: mu or sigma contains NaN or Inf")
+    _require(np.isfinite(mu).all() and np.isfinite(sigma).all(), f"{name} has NaN or Inf")
     return mu, sigma
 
 
@@ -445,15 +419,12 @@ def save_statistics(path, mu, sigma, convention=None):
     path = Path(path if str(path).endswith(".npz") else f"{path}.npz")
     _require(path.parent.is_dir(), f"{path.parent}: no such folder to save {path.name} in",
              FileNotFoundError)
-
-    def write(tmp):
-        with open(tmp, "wb") as file:
-            np.savez(file, mu=mu, sigma=sigma, **extra)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, **extra))  # tmp ends in .npz
 
 
-def _load_npz(path):
-    """(mu, sigma, convention or None) from an .npz with keys mu and sigma."""
+def load_statistics(path, return_convention=False):
+    """(mu, sigma) float64 from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's);
+    return_convention: also the convention saved with them (None where none was)."""
     try:
         with open(path, "rb") as file:
             _require(file.read(2) == b"PK", "not a zip archive")  # else np.load tries a pickle
@@ -465,15 +436,10 @@ def _load_npz(path):
     except Exception as error:  # not a zip, truncated, a corrupt member, a pickled array
         raise ValueError(f"{path}: not a readable .npz file "
                          f"({type(error).__name__}: {error})") from error
-    _require("mu" in arrays and "sigma" in arrays,
-             f"{path} needs keys 'mu' and 'sigma', has {keys}")
+    _require({"mu", "sigma"} <= arrays.keys(), f"{path} needs keys 'mu' and 'sigma', has {keys}")
+    mu, sigma = _check_stats(arrays["mu"], arrays["sigma"], name=str(path))
     convention = str(arrays["convention"]) if "convention" in arrays else None
-    return (*_check_stats(arrays["mu"], arrays["sigma"], name=str(path)), convention)
-
-
-def load_statistics(path):
-    """(mu, sigma) float64 from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's)."""
-    return _load_npz(path)[:2]
+    return (mu, sigma, convention) if return_convention else (mu, sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,37 +487,28 @@ def inception_score(logits, splits=10):
 # ----------------------------------------------------------------------------------------------
 # CLI, like pytorch-fid's
 
-def _positive_int(text):
-    with contextlib.suppress(ValueError):
-        if (value := int(text)) >= 1:
-            return value
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-
-
 def _run(args):
     """The CLI; every input problem (paths, .npz files, image headers) shows before the network."""
-    _check_device(args.device)
+    args.device = str(_check_device(args.device or sra2.pick_device()))
     inputs, out = (args.path[:1], args.path[1]) if args.save_stats else (args.path, None)
     for path in inputs:
         _require(os.path.exists(path), f"{path}: no such file or directory", FileNotFoundError)
         _require(os.path.isdir(path) or path.endswith(".npz"),
                  f"{path}: neither an image folder nor an .npz file")
     if out:
-        folder, name = os.path.split(out)
         _require(os.path.isdir(inputs[0]), f"--save-stats computes the statistics of an image "
                  f"folder; {inputs[0]} is a file")
         _require(out.endswith(".npz") and not os.path.isdir(out),
                  f"--save-stats writes an .npz file; {out} is not an .npz file name")
-        _require(os.path.isdir(folder or "."), f"{folder}: no such folder to save {name} in",
-                 FileNotFoundError)
-    stats = {path: _load_npz(path) for path in inputs if not os.path.isdir(path)}
-    folders = {path: _image_files(path) for path in inputs if os.path.isdir(path)}
+        _require(Path(out).parent.is_dir(), f"{Path(out).parent}: no such folder to save "
+                 f"{Path(out).name} in", FileNotFoundError)
+    stats = {p: load_statistics(p, return_convention=True) for p in inputs if not os.path.isdir(p)}
+    folders = {path: _folder_batches(path, args.batch_size) for path in inputs if path not in stats}
     model = load_inception(args.weights, args.device) if folders else None
-    for path, files in folders.items():
-        stats[path] = (*compute_statistics(
-            _folder_batches(files, args.batch_size), model=model, batch_size=args.batch_size,
-            device=args.device, convention=args.convention, progress=True, total=len(files)),
-            args.convention)
+    for path, (n, batches) in folders.items():  # (mu, sigma, convention) as from an .npz file
+        stats[path] = (*compute_statistics(batches, model=model, batch_size=args.batch_size,
+                                           device=args.device, convention=args.convention,
+                                           progress=True, total=n), args.convention)
     if out:
         save_statistics(out, *stats[inputs[0]])
         print(f"saved statistics ({args.convention} convention) to {out}")
@@ -563,26 +520,28 @@ def _run(args):
             print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
         fid = frechet_distance(mu1, sigma1, mu2, sigma2)
         print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
-    for path in (path for path, files in folders.items() if len(files) < 2048):  # after the work
-        print(f"warning: {path} has {len(folders[path])} images, fewer than the 2048 features: "
-              f"FID reads high and depends on N; compare FIDs at one N (the papers use 50,000)",
-              file=sys.stderr)
+    for path, n in ((path, n) for path, (n, _) in folders.items() if n < 2048):  # after the result
+        print(f"warning: {path} has {n} images, fewer than the 2048 features: FID reads high "
+              f"and depends on N; compare FIDs at one N (the papers use 50,000)", file=sys.stderr)
     return None if out else fid
 
 
 def main(argv=None):
+    def positive_int(text):  # argparse's error: "argument --batch-size: must be an integer >= 1"
+        with contextlib.suppress(ValueError):
+            if (value := int(text)) >= 1:
+                return value
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files")
     add = parser.add_argument
     add("path", nargs=2, help="image folders or .npz files with mu and sigma")
     add("--save-stats", action="store_true", help="save folder PATH1's statistics to PATH2 (.npz)")
-    add("--batch-size", type=_positive_int, default=200)
+    add("--batch-size", type=positive_int, default=200)
     add("--device", default=None, help="default: cuda, then mps, then cpu")
     add("--convention", choices=CONVENTIONS, default="tf")
     add("--weights", default=None, help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
-    args = parser.parse_args(argv)
-    args.device = args.device or str(sra2.pick_device())
     try:
-        return _run(args)
+        return _run(parser.parse_args(argv))
     except (OSError, ValueError) as error:  # bad input: one line naming it, no traceback
         parser.error(" ".join(str(error).split()))
 
