@@ -1,9 +1,8 @@
 """FID and Inception Score with the numbers the field trusts: torch, numpy and pillow only.
 
-Network: TF's "inception-2015-12-05" graph as pytorch-fid ports it, quirks included. Features: the
-2048-d pool3 of Mixed_7c; logits: the 1008-way fc without its bias, for Inception Score. Weights:
-pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once into ~/.cache/sra2 (SHA-256
-checked), or a local copy; one without fc gives FID only.
+Network: TF's "inception-2015-12-05" graph as pytorch-fid ports it, quirks included: the 2048-d
+pool3 features of Mixed_7c, and the 1008-way fc without its bias for Inception Score. Weights:
+pytorch-fid's .pth, downloaded once into ~/.cache/sra2 (SHA-256 checked) or a local copy.
 Preprocessing: two conventions, ~24% apart per image at 32 px, ~14% at 64 px, ~0.3% at 299 px, so
 every FID printed names its own. Both match features saved from the real tools (tested to 1e-4).
   "tf" (default)  the papers' evaluators (ADM, StyleGAN/EDM): uint8 as float, TF1 bilinear resize
@@ -17,12 +16,12 @@ compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`.
 import argparse
 import contextlib
 import hashlib
-import math
 import os
 import sys
 import time
 import urllib.request
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +31,19 @@ import torch.nn.functional as F
 
 import sra2
 
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-# torch.hub names files by the first 8 hex digits of their SHA-256 ("6726825d"); the full digest
-# is the one other FID tools pin for this URL (95,628,359 bytes).
+                   + FID_WEIGHTS_FILE)
+# the SHA-256 other FID tools pin for this URL (95,628,359 bytes); torch.hub's name has 8 digits
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WEIGHTS_ENV = "SRA2_INCEPTION_WEIGHTS"
 CONVENTIONS = ("tf", "pytorch-fid")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def _require(ok, message):
+def _require(ok, message, error=ValueError):
     if not ok:
-        raise ValueError(message)
+        raise error(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,10 +58,8 @@ def fmt_time(seconds):
 
 
 class Progress:
-    """A status line with rate and time left: redrawn in place on a terminal, else a line every
-    15 s and at done == total (total None: unknown). Pass `elapsed` to leave pauses out. Prints on
-    rank 0 only (torch.distributed); `file` defaults to stdout."""
-
+    """A status line with rate and time left, in place on a terminal, else every 15 s and at the
+    end (total None: unknown), on rank 0 only (torch.distributed). `elapsed` leaves pauses out."""
     def __init__(self, label, total, unit="it", *, file=None):
         self.label, self.total, self.unit, self.file = label, total, unit, file or sys.stdout
         self.start = self.last = time.perf_counter()
@@ -79,10 +76,8 @@ class Progress:
         rate, total = done / max(elapsed, 1e-9), "?" if self.total is None else self.total
         left = f"{fmt_time((total - done) / rate)} left" if rate and total != "?" else ""
         line = f"{self.label} {done}/{total}  {rate:.1f} {self.unit}/s  {left}  {note}".rstrip()
-        if self.tty:
-            print("\r" + line.ljust(100)[:160], end="", file=self.file, flush=True)
-        else:
-            print(line, file=self.file, flush=True)
+        print("\r" + line.ljust(100)[:160] if self.tty else line, end="" if self.tty else "\n",
+              file=self.file, flush=True)
         self.shown = True
 
     def close(self):
@@ -91,11 +86,10 @@ class Progress:
 
 
 def atomic_write(path, write):
-    """write(tmp_path), then os.replace onto `path` (atomic): an error never leaves a half-written
-    file under the real name. The temp name keeps the suffix (np.savez appends .npz otherwise)."""
+    """write(tmp), then os.replace(tmp, path): an error never leaves a half-written `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # np.savez wants .npz
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -106,7 +100,6 @@ def atomic_write(path, write):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `prog: error: message`, exit status 2."""
-
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -114,32 +107,42 @@ class OneLineParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------
 # The FID Inception network (pytorch-fid's FIDInceptionA-E; parameter names match its file)
 
-class BasicConv2d(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 0.001, TF's) -> ReLU."""
-
-    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+def conv_bn_relu(c_in, c_out, kernel_size, stride=1, padding=0):
+    """pytorch-fid's BasicConv2d: conv (no bias), BatchNorm (TF's eps 0.001), ReLU."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+        bn=nn.BatchNorm2d(c_out, eps=0.001), relu=nn.ReLU()))
 
 
-POOLS = {  # TF's average pool divides by the real pixels, not 9: count_include_pad=True (the
-    # torchvision default) is the classic porting bug that shifts FID.
+POOLS = {  # TF's avg pool divides by the real pixels (count_include_pad=True: the classic bug)
     "avg": lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
     "max": lambda x: F.max_pool2d(x, 3, stride=1, padding=1),  # Mixed_7c (likely a TF bug, kept)
     "max/2": lambda x: F.max_pool2d(x, 3, stride=2),           # the grid reductions
 }
+SPLIT = [(384, (1, 3)), (384, (3, 1))]  # the last step of E's two 3x3 branches forks in two
+BLOCKS = {  # pytorch-fid's FIDInceptionA-E as branch tables for Mixed; `c` differs between blocks
+    "A": lambda c: dict(branch1x1=[(64, 1)], branch5x5=[(48, 1), (64, 5)],  # 35x35
+                        branch3x3dbl=[(64, 1), (96, 3), (96, 3)], branch_pool=["avg", (c, 1)]),
+    "B": lambda c: dict(branch3x3=[(384, 3, 2)], branch3x3dbl=[(64, 1), (96, 3), (96, 3, 2)],
+                        pool=["max/2"]),  # 35x35 -> 17x17
+    "C": lambda c: dict(branch1x1=[(192, 1)], branch7x7=[(c, 1), (c, (1, 7)), (192, (7, 1))],
+                        branch7x7dbl=[(c, 1), (c, (7, 1)), (c, (1, 7)), (c, (7, 1)), (192, (1, 7))],
+                        branch_pool=["avg", (192, 1)]),  # 17x17: 7x7 factorized into 1x7, 7x1
+    "D": lambda c: dict(branch3x3=[(192, 1), (320, 3, 2)],  # 17x17 -> 8x8
+                        branch7x7x3=[(192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2)],
+                        pool=["max/2"]),
+    "E": lambda c: dict(branch1x1=[(320, 1)], branch3x3=[(384, 1), SPLIT],  # 8x8, c: the pool
+                        branch3x3dbl=[(448, 1), (384, 3), SPLIT], branch_pool=[c, (192, 1)]),
+}
+MIXED = [("5b", "A", 192, 32), ("5c", "A", 256, 64), ("5d", "A", 288, 64), ("6a", "B", 288, None),
+         ("6b", "C", 768, 128), ("6c", "C", 768, 160), ("6d", "C", 768, 160), ("6e", "C", 768, 192),
+         ("7a", "D", 768, None), ("7b", "E", 1280, "avg"), ("7c", "E", 2048, "max")]  # c_in, c
 
 
 class Mixed(nn.Module):
-    """One Inception block: branches side by side, concatenated on channels. A branch is an
-    optional pool (POOLS), then convolutions (c_out, kernel[, stride]) in a chain, padded to keep
-    the size at stride 1; a pair [conv, conv] runs both on one input and concatenates them. Names
-    are pytorch-fid's: the branch's for one conv, else branch_1, branch_2, ... (branch_2a, _2b)."""
-
+    """Inception block: branches concatenated on channels. A branch: an optional pool, then convs
+    (c_out, kernel[, stride]) in a chain, size kept at stride 1; a pair [conv, conv] forks and
+    concatenates. Names are pytorch-fid's: the branch's for one conv, else branch_1, branch_2a."""
     def __init__(self, c_in, **branches):
         super().__init__()
         self.branches = []  # (pool or None, [names of each step's convs])
@@ -148,14 +151,11 @@ class Mixed(nn.Module):
             chain, c = [], c_in
             for i, step in enumerate(steps, 1):
                 pair = step if isinstance(step, list) else [step]
-                names = [branch if len(steps) == 1 else f"{branch}_{i}" + "ab"[j] * (len(pair) > 1)
-                         for j in range(len(pair))]
-                for name, (c_out, kernel, *stride) in zip(names, pair):
-                    stride = stride[0] if stride else 1
-                    k = (kernel, kernel) if isinstance(kernel, int) else kernel
-                    padding = (k[0] // 2, k[1] // 2) if stride == 1 else 0
-                    self.add_module(name, BasicConv2d(c, c_out, kernel, stride, padding))
-                chain.append(names)
+                prefix = branch if len(steps) == 1 else f"{branch}_{i}"
+                chain.append([prefix + ab for ab in ("ab" if len(pair) > 1 else [""])])
+                for name, (c_out, kernel, *stride) in zip(chain[-1], pair):  # stride: () or (2,)
+                    padding = 0 if stride else "same"  # odd kernels: k // 2 on both sides
+                    self.add_module(name, conv_bn_relu(c, c_out, kernel, *stride, padding=padding))
                 c = c_out
             self.branches.append((pool, chain))
 
@@ -169,50 +169,18 @@ class Mixed(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
-def inception_a(c_in, pool_features):  # Mixed_5b/c/d at 35x35
-    return Mixed(c_in, branch1x1=[(64, 1)], branch5x5=[(48, 1), (64, 5)],
-                 branch3x3dbl=[(64, 1), (96, 3), (96, 3)], branch_pool=["avg", (pool_features, 1)])
-
-
-def inception_b(c_in):  # Mixed_6a: 35x35 -> 17x17
-    return Mixed(c_in, branch3x3=[(384, 3, 2)], branch3x3dbl=[(64, 1), (96, 3), (96, 3, 2)],
-                 pool=["max/2"])
-
-
-def inception_c(c_in, c7):  # Mixed_6b-e at 17x17: 7x7 convolutions factorized into 1x7 and 7x1
-    return Mixed(c_in, branch1x1=[(192, 1)], branch7x7=[(c7, 1), (c7, (1, 7)), (192, (7, 1))],
-                 branch7x7dbl=[(c7, 1), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))],
-                 branch_pool=["avg", (192, 1)])
-
-
-def inception_d(c_in):  # Mixed_7a: 17x17 -> 8x8
-    return Mixed(c_in, branch3x3=[(192, 1), (320, 3, 2)],
-                 branch7x7x3=[(192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2)], pool=["max/2"])
-
-
-def inception_e(c_in, pool):  # Mixed_7b (avg pool) and 7c (max pool) at 8x8
-    split = [(384, (1, 3)), (384, (3, 1))]  # the last step of both 3x3 branches forks in two
-    return Mixed(c_in, branch1x1=[(320, 1)], branch3x3=[(384, 1), split],
-                 branch3x3dbl=[(448, 1), (384, 3), split], branch_pool=[pool, (192, 1)])
-
-
 class FIDInceptionV3(nn.Module):
     """Input: (N, 3, 299, 299) float32 from `preprocess`. Output: pool3 features (N, D=2048) and
     logits (N, K=1008) WITHOUT the fc bias (what Inception Score uses), or None without `fc`."""
-
     def __init__(self, with_fc=True):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c = inception_a(192, 32), inception_a(256, 64)
-        self.Mixed_5d, self.Mixed_6a = inception_a(288, 64), inception_b(288)
-        self.Mixed_6b, self.Mixed_6c = inception_c(768, 128), inception_c(768, 160)
-        self.Mixed_6d, self.Mixed_6e = inception_c(768, 160), inception_c(768, 192)
-        self.Mixed_7a = inception_d(768)
-        self.Mixed_7b, self.Mixed_7c = inception_e(1280, "avg"), inception_e(2048, "max")
+        self.Conv2d_1a_3x3 = conv_bn_relu(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = conv_bn_relu(32, 32, 3)
+        self.Conv2d_2b_3x3 = conv_bn_relu(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = conv_bn_relu(64, 80, 1)
+        self.Conv2d_4a_3x3 = conv_bn_relu(80, 192, 3)
+        for name, block, c_in, c in MIXED:
+            self.add_module(f"Mixed_{name}", Mixed(c_in, **BLOCKS[block](c)))
         self.fc = nn.Linear(2048, 1008) if with_fc else None  # bias is loaded but never used
 
     def forward(self, x):
@@ -222,20 +190,11 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)                                      # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)
         x = F.max_pool2d(x, 3, stride=2)                                      # (N, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                    # (N, 288, 35, 35)
-        x = self.Mixed_6a(x)                                                  # (N, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))     # (N, 768, 17, 17)
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                    # (N, 2048, 8, 8)
+        for name, *_ in MIXED:  # 5b-d (N, 288, 35, 35), 6a-e (N, 768, 17, 17), 7a-c (N, 2048, 8, 8)
+            x = getattr(self, f"Mixed_{name}")(x)
         features = x.mean(dim=(2, 3))                                         # (N, D) pool3
         logits = None if self.fc is None else features @ self.fc.weight.T     # (N, K), no bias
         return features, logits
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights: argument, then $SRA2_INCEPTION_WEIGHTS, then the cache, then one download
-
-def _cache_path():
-    return Path.home() / ".cache" / "sra2" / "pt_inception-2015-12-05-6726825d.pth"
 
 
 def _download(url, dest, sha256):
@@ -246,50 +205,41 @@ def _download(url, dest, sha256):
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        _require(digest.hexdigest() == sha256,
-                 f"SHA-256 of {url} is {digest.hexdigest()}, expected {sha256}")
+        _require((got := digest.hexdigest()) == sha256, f"{url}: SHA-256 {got}, expected {sha256}")
     return atomic_write(dest, fetch)
-
-
-def _resolve_weights(weights=None):
-    if weights is not None or os.environ.get(WEIGHTS_ENV):
-        return Path(weights if weights is not None else os.environ[WEIGHTS_ENV])
-    if (cached := _cache_path()).is_file():
-        return cached
-    try:
-        print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
-        return _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
-    except Exception as error:
-        raise FileNotFoundError(
-            f"no FID Inception weights ({error}): pass a local copy of {cached.name} with "
-            f"--weights (fid.py) or --inception (tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, "
-            f"or put it at {cached}") from error
 
 
 def _check_device(device):
     """torch.device(device) if it is cpu, cuda[:N] or mps and present here, else a ValueError."""
-    name = str(device)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        device = None
-    _require(device is not None and device.type in ("cpu", "cuda", "mps"),
-             f"device {name!r}: expected cpu, cuda, cuda:N or mps")
+    dev = torch.device("meta")  # refused below when `device` names no device
+    with contextlib.suppress(RuntimeError, TypeError):
+        dev = torch.device(device)
+    _require(dev.type in ("cpu", "cuda", "mps"), f"device {str(device)!r}: expected cpu, cuda, "
+             f"cuda:N or mps")
     n_cuda = torch.cuda.device_count()
-    _require(device.type != "cuda" or (device.index or 0) < n_cuda,
-             f"device {name!r}: this machine has {n_cuda} CUDA device(s)")
-    _require(device.type != "mps" or torch.backends.mps.is_available(),
+    _require(dev.type != "cuda" or (dev.index or 0) < n_cuda,
+             f"device {str(device)!r}: this machine has {n_cuda} CUDA device(s)")
+    _require(dev.type != "mps" or torch.backends.mps.is_available(),
              "device 'mps': MPS is not available on this machine")
-    return device
+    return dev
 
 
 def load_inception(weights=None, device="cpu"):
-    """The FID Inception network (eval, float32) on `device` from `weights`, a .pth (pytorch-fid's
-    or its -nofc / -nofc-fp16 files) or None: resolved as above. Bad files: an error naming them."""
-    device = _check_device(device)
-    path = _resolve_weights(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights not found: {path}")
+    """FIDInceptionV3 (eval, float32) on `device` from pytorch-fid's .pth (or -nofc, -nofc-fp16):
+    `weights`, else $SRA2_INCEPTION_WEIGHTS, else the cache, else one download into the cache."""
+    device, cached = _check_device(device), Path.home() / ".cache/sra2" / FID_WEIGHTS_FILE
+    path = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or None
+    if path is None and not cached.is_file():
+        try:
+            print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
+            _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
+        except Exception as error:
+            raise FileNotFoundError(f"no FID Inception weights ({error}): pass a local copy of "
+                                    f"{cached.name} with --weights (fid.py) or --inception "
+                                    f"(tiny_demo.py), set {WEIGHTS_ENV}=/path/to/file, or put "
+                                    f"it at {cached}") from error
+    path = Path(cached if path is None else path)
+    _require(path.is_file(), f"FID Inception weights not found: {path}", FileNotFoundError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # unused head
@@ -306,17 +256,14 @@ def load_inception(weights=None, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing: uint8 images -> (N, 3, 299, 299) float32 network input
+# Preprocessing (uint8 images -> (N, 3, 299, 299) float32), statistics, image folders, .npz files
 
 def _as_nchw_uint8(images):
-    """uint8 (N, H, W, 3) or (N, 3, H, W), numpy or torch -> uint8 (N, 3, H, W) tensor.
-    A shape with 3 in both places, (N, 3, H, 3), is read as NCHW."""
+    """uint8 (N, H, W, 3) or (N, 3, H, W), numpy or torch -> (N, 3, H, W); (N, 3, H, 3) is NCHW."""
     if isinstance(images, np.ndarray):
         with warnings.catch_warnings():  # read-only arrays (from PIL, mmap) are fine: never written
             warnings.simplefilter("ignore", UserWarning)
             images = torch.from_numpy(np.ascontiguousarray(images))
-    _require(isinstance(images, torch.Tensor),
-             f"images must be a numpy array or torch tensor, got {type(images).__name__}")
     _require(images.dtype == torch.uint8, f"images must be uint8 in [0, 255], got {images.dtype}")
     _require(images.ndim == 4 and 3 in (images.shape[1], images.shape[3]), f"images must be RGB "
              f"with 3 channels, (N, H, W, 3) or (N, 3, H, W); got shape {tuple(images.shape)}")
@@ -325,8 +272,7 @@ def _as_nchw_uint8(images):
 
 
 def _tf1_resize_matrix(size_in, size_out, device):
-    """(size_out, size_in) weights of TF1 bilinear resize (no align_corners, no half-pixel
-    centers): src = dst * in/out, neighbours floor(src) and floor(src) + 1, clamped."""
+    """(size_out, size_in) TF1 bilinear resize: src = dst * in/out, floor(src) and +1, clamped."""
     src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
     lo = src.floor().long().clamp(max=size_in - 1)
     hi = (lo + 1).clamp(max=size_in - 1)
@@ -339,97 +285,74 @@ def _tf1_resize_matrix(size_in, size_out, device):
 
 def preprocess(images, convention="tf"):
     """uint8 images (N, 3, H, W) (or NHWC, numpy) -> float32 (N, 3, 299, 299) on their device."""
-    _require(convention in CONVENTIONS,
-             f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    _require(convention in CONVENTIONS, f"convention {convention!r} is not one of {CONVENTIONS}")
     x = _as_nchw_uint8(images).float()
     if convention == "pytorch-fid":
-        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     resize_h = _tf1_resize_matrix(x.shape[2], 299, x.device)  # (299, H)
     resize_w = _tf1_resize_matrix(x.shape[3], 299, x.device)  # (299, W)
     return (resize_h @ x @ resize_w.T - 128) / 128            # (N, 3, 299, 299)
 
 
-# ----------------------------------------------------------------------------------------------
-# Statistics
-
 class FeatureStats:
-    """Streaming mean and covariance of features in float64 with constant memory (D + D^2 sums).
-    Sums are of (f - shift), shift = the first batch's mean, so that E[f f^T] - mu mu^T does not
-    cancel away digits. They live on the features' device: the D x D update is fast on a GPU."""
-
+    """Streaming float64 mean and covariance in D + D^2 sums of f - shift (the first batch's mean:
+    no digits cancel), kept on the features' device (the D x D update is fast on a GPU)."""
     def __init__(self):
-        self.n, self.shift, self.sum, self.sum_outer = 0, None, None, None
+        self.n, self.shift, self.sum, self.sum_outer = 0, None, 0, 0
 
     def update(self, features):
         f = torch.as_tensor(features)
         f = (f.cpu() if f.device.type == "mps" else f).to(torch.float64)  # MPS has no float64
-        _require(f.ndim == 2 and f.shape[0] > 0,
-                 f"features must be a non-empty (N, D) array, got shape {tuple(f.shape)}")
         _require(bool(torch.isfinite(f).all()), "features contain NaN or Inf")
-        if self.shift is None:
-            self.shift = f.mean(dim=0)
-            self.sum = torch.zeros_like(self.shift)
-            self.sum_outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64,
-                                         device=f.device)
+        self.shift = f.mean(dim=0) if self.shift is None else self.shift
         _require(f.shape[1] == self.shift.shape[0],
                  f"features have D = {f.shape[1]}, earlier ones D = {self.shift.shape[0]}")
         centred = f.to(self.shift.device) - self.shift  # (N, D)
-        self.n += f.shape[0]
-        self.sum += centred.sum(dim=0)
-        self.sum_outer += centred.T @ centred           # (D, D)
+        self.n, self.sum = self.n + f.shape[0], self.sum + centred.sum(dim=0)  # (D,)
+        self.sum_outer = self.sum_outer + centred.T @ centred                  # (D, D)
 
     def mean_cov(self):
         """(mu (D,), sigma (D, D)) as float64 numpy; sigma is unbiased (divides by N - 1)."""
         _require(self.n >= 2, f"a covariance needs at least 2 images, got {self.n}")
-        mean_centred = self.sum / self.n
-        mu = self.shift + mean_centred
+        mean_centred = self.sum / self.n  # mean of f - shift
         sigma = (self.sum_outer - self.n * torch.outer(mean_centred, mean_centred)) / (self.n - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        return (self.shift + mean_centred).cpu().numpy(), sigma.cpu().numpy()
 
 
 @contextlib.contextmanager
 def _full_float32():
-    """TF32 (and oneDNN's bf16/tf32 modes on CPU) off, restored afterwards: FID must not depend on
-    which chip computed it. Newer torch refuses to mix its two flag APIs, so use one of them."""
+    """TF32 (and oneDNN's bf16/tf32 on CPU) off inside: FID must not depend on the chip."""
     b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
-        layers = [b.cuda.matmul, b.cudnn.conv] + [getattr(b.mkldnn, op) for op in ("matmul", "conv")
-                                                  if hasattr(b.mkldnn, op)]
-        flags = [(layer, "fp32_precision", "ieee") for layer in layers]
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):  # never mix the APIs
+        flags = [(layer, "fp32_precision", "ieee") for layer in (b.cuda.matmul, b.cudnn.conv, *(
+            getattr(b.mkldnn, op) for op in ("matmul", "conv") if hasattr(b.mkldnn, op)))]
     else:
         flags = [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
-    saved_precision = torch.get_float32_matmul_precision()
-    saved = [getattr(obj, name) for obj, name, _ in flags]
-    try:
+    with contextlib.ExitStack() as restore:  # on exit: the precision, then each flag
+        for obj, name, _ in flags:
+            restore.callback(setattr, obj, name, getattr(obj, name))
+        restore.callback(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
         torch.set_float32_matmul_precision("highest")
         for obj, name, value in flags:
             setattr(obj, name, value)
         yield
-    finally:
-        torch.set_float32_matmul_precision(saved_precision)
-        for (obj, name, _), value in zip(flags, saved):
-            setattr(obj, name, value)
 
 
 def compute_statistics(images, model=None, batch_size=200, device=None, convention="tf",
                        weights=None, progress=False, return_is_logits=False, total=None):
-    """Pool3 statistics (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3)
-    or (N, 3, H, W), numpy or torch, or an iterable of such batches (to stream generated images).
-    model: from load_inception (else loaded from `weights`); device: default the model's.
-    progress: a line on stderr once it takes over a second (`total`: N of an iterable).
-    return_is_logits: also the (N, K) logits for inception_score (needs the weights with fc)."""
+    """Pool3 (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3) or (N, 3, H,
+    W), numpy or torch, or an iterable of such batches (to stream generated images). model: from
+    load_inception, else loaded from `weights`; progress: a line on stderr once it takes over 1 s
+    (`total`: N of an iterable); return_is_logits: also the (N, K) logits for inception_score."""
     _require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
              f"batch_size must be an integer >= 1, got {batch_size!r}")
-    whole = isinstance(images, (np.ndarray, torch.Tensor))
-    if whole:
+    if whole := isinstance(images, (np.ndarray, torch.Tensor)):
         total = _as_nchw_uint8(images).shape[0]  # checks dtype, layout, emptiness before any work
         _require(total >= 2, f"a covariance needs at least 2 images, got {total}")
     model = load_inception(weights, device or "cpu") if model is None else model
     device = _check_device(device) if device else next(model.parameters()).device
-    _require(not return_is_logits or getattr(model, "fc", None) is not None,
-             "Inception Score needs the weights with the 1008-way fc layer "
-             "(pt_inception-2015-12-05-6726825d.pth); the -nofc files give features only")
+    _require(not return_is_logits or getattr(model, "fc", None) is not None, f"Inception Score "
+             f"needs the 1008-way fc layer of {FID_WEIGHTS_FILE}; -nofc files give features only")
     stats, all_logits = FeatureStats(), []
     bar = Progress("Inception features", total, "img", file=sys.stderr) if progress else None
     # autocast off: a caller's bf16 context must not leak into the features.
@@ -451,73 +374,57 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
     return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
 
 
-def _read_image(file, decode=True):
-    """(H, W, 3) uint8 RGB array of an image file; decode=False: its (W, H) from the header."""
+def _folder_batches(path, batch_size):
+    """(N, batches) of folder `path`'s sorted images: headers checked now (one size), read later."""
     from PIL import Image  # pillow only needed for folders
-    try:
-        with Image.open(file) as image:
-            return np.asarray(image.convert("RGB")) if decode else image.size
-    except Exception as error:  # not an image, truncated, unreadable
-        raise ValueError(f"{file}: not a readable image "
-                         f"({type(error).__name__}: {error})") from error
-
-
-def _image_files(path):
-    """Sorted image files directly in folder `path`, each header read to check that it is an
-    image of the first one's size: an error names the first bad file. Other files are ignored."""
+    def read(file, decode=True):  # decode=False: (W, H) from the header
+        try:
+            with Image.open(file) as image:
+                return np.asarray(image.convert("RGB")) if decode else image.size
+        except Exception as error:  # not an image, truncated, unreadable
+            raise ValueError(f"{file}: not a readable image "
+                             f"({type(error).__name__}: {error})") from error
     path = Path(path)
-    if not path.is_dir():
-        raise (NotADirectoryError(f"{path}: not a folder") if path.exists() else
-               FileNotFoundError(f"{path}: no such file or directory"))
+    _require(path.exists(), f"{path}: no such file or directory", FileNotFoundError)
+    _require(path.is_dir(), f"{path}: not a folder", NotADirectoryError)
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     _require(files, f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
-    w, h = _read_image(files[0], decode=False)
-    for file in files[1:]:
-        size = _read_image(file, decode=False)
+    w, h = read(files[0], decode=False)
+    for file in files[1:]:  # the first bad file is the one named
+        size = read(file, decode=False)
         _require(size == (w, h), f"{file} is {size[0]}x{size[1]} but {files[0]} is {w}x{h}: a "
                  f"folder's images must have one size (resize them first)")
-    return files
-
-
-def _folder_batches(files, batch_size):
-    for start in range(0, len(files), batch_size):
-        yield np.stack([_read_image(file) for file in files[start:start + batch_size]])
+    return len(files), (np.stack([read(file) for file in files[i:i + batch_size]])
+                        for i in range(0, len(files), batch_size))
 
 
 def statistics_from_folder(path, batch_size=200, **kwargs):
-    """compute_statistics over the image files directly in folder `path`, in sorted order, all of
-    one size: FID over mixed sizes would mix what resizing to 299 does to each (see the top)."""
-    files = _image_files(path)
-    return compute_statistics(_folder_batches(files, batch_size), batch_size=batch_size,
-                              total=len(files), **kwargs)
+    """compute_statistics of the images in folder `path`, all of one size (resizing changes FID)."""
+    n, batches = _folder_batches(path, batch_size)
+    return compute_statistics(batches, batch_size=batch_size, total=n, **kwargs)
 
 
 def _check_stats(mu, sigma, name="statistics"):
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     _require(mu.ndim == 1 and sigma.shape == (mu.shape[0], mu.shape[0]),
              f"{name}: need mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    _require(np.isfinite(mu).all() and np.isfinite(sigma).all(),
-             f"{name}: mu or sigma contains NaN or Inf")
+    _require(np.isfinite(mu).all() and np.isfinite(sigma).all(), f"{name} has NaN or Inf")
     return mu, sigma
 
 
 def save_statistics(path, mu, sigma, convention=None):
-    """Write .npz with keys mu, sigma (what pytorch-fid reads), plus the convention if known; like
-    np.savez, ".npz" is appended if missing. An existing file is only replaced by a complete one."""
+    """.npz (appended if missing) with mu, sigma and the convention; never a half-written file."""
     mu, sigma = _check_stats(mu, sigma)
     extra = {} if convention is None else {"convention": np.array(convention)}
     path = Path(path if str(path).endswith(".npz") else f"{path}.npz")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: no such folder to save {path.name} in")
-
-    def write(tmp):
-        with open(tmp, "wb") as file:
-            np.savez(file, mu=mu, sigma=sigma, **extra)
-    atomic_write(path, write)
+    _require(path.parent.is_dir(), f"{path.parent}: no such folder to save {path.name} in",
+             FileNotFoundError)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, **extra))  # tmp ends in .npz
 
 
-def _load_npz(path):
-    """(mu, sigma, convention or None) from an .npz with keys mu and sigma."""
+def load_statistics(path, return_convention=False):
+    """(mu, sigma) float64 from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's);
+    return_convention: also the convention saved with them (None where none was)."""
     try:
         with open(path, "rb") as file:
             _require(file.read(2) == b"PK", "not a zip archive")  # else np.load tries a pickle
@@ -529,15 +436,10 @@ def _load_npz(path):
     except Exception as error:  # not a zip, truncated, a corrupt member, a pickled array
         raise ValueError(f"{path}: not a readable .npz file "
                          f"({type(error).__name__}: {error})") from error
-    _require("mu" in arrays and "sigma" in arrays,
-             f"{path} needs keys 'mu' and 'sigma', has {keys}")
+    _require({"mu", "sigma"} <= arrays.keys(), f"{path} needs keys 'mu' and 'sigma', has {keys}")
+    mu, sigma = _check_stats(arrays["mu"], arrays["sigma"], name=str(path))
     convention = str(arrays["convention"]) if "convention" in arrays else None
-    return (*_check_stats(arrays["mu"], arrays["sigma"], name=str(path)), convention)
-
-
-def load_statistics(path):
-    """(mu, sigma) float64 from an .npz with keys mu and sigma (ours, pytorch-fid's, ADM's)."""
-    return _load_npz(path)[:2]
+    return (mu, sigma, convention) if return_convention else (mu, sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,8 +451,7 @@ def psd_factor(sigma, name="sigma"):
     _require(np.abs(sigma - sigma.T).max() <= 1e-6 * max(1.0, np.abs(sigma).max()),
              f"{name} is not symmetric, so it is no covariance")
     w, v = np.linalg.eigh(sigma)
-    # the sqrtm formula would see an imaginary part > 1e-3
-    _require(w.min() >= -1e-6 * max(1.0, w.max()),
+    _require(w.min() >= -1e-6 * max(1.0, w.max()),  # sqrtm would see an imaginary part > 1e-3
              f"{name} is not positive semi-definite (eigenvalue {w.min():.3g})")
     keep = w > len(w) * np.finfo(np.float64).eps * np.abs(w).max()
     return v[:, keep] * np.sqrt(w[keep])
@@ -558,31 +459,26 @@ def psd_factor(sigma, name="sigma"):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64. With S = C C^T, S1 S2 has
-    the non-zero eigenvalues of (C2^T C1)^T (C2^T C1), so tr((S1 S2)^(1/2)) is the sum of the
-    singular values of C2^T C1: exact for PSD covariances, also singular ones (N < D), no square
-    roots of rounding noise, ~2x faster than scipy's sqrtm; pytorch-fid's value to 1e-6 (tested)."""
+    the non-zero eigenvalues of (C2^T C1)^T (C2^T C1): tr((S1 S2)^(1/2)) is the sum of the singular
+    values of C2^T C1, exact also for singular S (N < D), ~2x faster than scipy's sqrtm (tested)."""
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
     _require(mu1.shape == mu2.shape,
              f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
     cross = psd_factor(sigma2, "sigma2").T @ psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
     tr_covmean = np.linalg.svd(cross, compute_uv=False).sum()                # tr((S1 S2)^(1/2))
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def inception_score(logits, splits=10):
-    """(mean, std) over `splits` equal parts of exp(mean_x KL(p(y|x) || p(y))), p(y|x) = softmax of
-    the (N, K=1008) logits computed without the fc bias (what compute_statistics returns)."""
+    """(mean, std) of exp(mean_x KL(p(y|x) || p(y))) over `splits` parts of the (N, K) logits."""
     logits = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
     _require(logits.ndim == 2 and logits.shape[0] >= splits >= 1,
              f"need (N, K) logits with N >= splits = {splits}, got {tuple(logits.shape)}")
     _require(bool(torch.isfinite(logits).all()), "logits contain NaN or Inf")
-    log_p = torch.log_softmax(logits, dim=1)  # log p(y|x), (N, K)
-    n, scores = logits.shape[0], []
-    for i in range(splits):
-        part = log_p[i * n // splits:(i + 1) * n // splits]
-        log_p_y = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log p(y), (K,)
+    log_p, n, scores = torch.log_softmax(logits, dim=1), logits.shape[0], []  # log p(y|x), (N, K)
+    for part in (log_p[i * n // splits:(i + 1) * n // splits] for i in range(splits)):
+        log_p_y = torch.logsumexp(part, dim=0) - np.log(part.shape[0])  # log p(y), (K,)
         kl = (part.exp() * (part - log_p_y)).sum(dim=1)                  # (N / splits,)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -591,23 +487,12 @@ def inception_score(logits, splits=10):
 # ----------------------------------------------------------------------------------------------
 # CLI, like pytorch-fid's
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def _run(args):
     """The CLI; every input problem (paths, .npz files, image headers) shows before the network."""
-    _check_device(args.device)
+    args.device = str(_check_device(args.device or sra2.pick_device()))
     inputs, out = (args.path[:1], args.path[1]) if args.save_stats else (args.path, None)
     for path in inputs:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or directory")
+        _require(os.path.exists(path), f"{path}: no such file or directory", FileNotFoundError)
         _require(os.path.isdir(path) or path.endswith(".npz"),
                  f"{path}: neither an image folder nor an .npz file")
     if out:
@@ -615,53 +500,48 @@ def _run(args):
                  f"folder; {inputs[0]} is a file")
         _require(out.endswith(".npz") and not os.path.isdir(out),
                  f"--save-stats writes an .npz file; {out} is not an .npz file name")
-        if not os.path.isdir(os.path.dirname(out) or "."):
-            raise FileNotFoundError(f"{os.path.dirname(out)}: no such folder to save "
-                                    f"{os.path.basename(out)} in")
-    stats = {path: _load_npz(path) for path in inputs if not os.path.isdir(path)}
-    folders = {path: _image_files(path) for path in inputs if os.path.isdir(path)}
+        _require(Path(out).parent.is_dir(), f"{Path(out).parent}: no such folder to save "
+                 f"{Path(out).name} in", FileNotFoundError)
+    stats = {p: load_statistics(p, return_convention=True) for p in inputs if not os.path.isdir(p)}
+    folders = {path: _folder_batches(path, args.batch_size) for path in inputs if path not in stats}
     model = load_inception(args.weights, args.device) if folders else None
-    for path, files in folders.items():
-        stats[path] = (*compute_statistics(
-            _folder_batches(files, args.batch_size), model=model, batch_size=args.batch_size,
-            device=args.device, convention=args.convention, progress=True, total=len(files)),
-            args.convention)
-    small = [f"warning: {path} has {len(files)} images, fewer than the 2048 features: FID reads "
-             f"high and depends on N; compare FIDs at one N (the papers use 50,000)"
-             for path, files in folders.items() if len(files) < 2048]
+    for path, (n, batches) in folders.items():  # (mu, sigma, convention) as from an .npz file
+        stats[path] = (*compute_statistics(batches, model=model, batch_size=args.batch_size,
+                                           device=args.device, convention=args.convention,
+                                           progress=True, total=n), args.convention)
     if out:
         save_statistics(out, *stats[inputs[0]])
         print(f"saved statistics ({args.convention} convention) to {out}")
-        for line in small:  # after the work: an error stays the only line
-            print(line, file=sys.stderr)
-        return None
-    (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in inputs)
-    _require(not (conv1 and conv2 and conv1 != conv2), f"the two statistics use different "
-             f"conventions ({conv1} vs {conv2}): FID is meaningless")
-    for line in small:
-        print(line, file=sys.stderr)
-    if len(mu1) >= 512:  # two D x D eigendecompositions and an SVD: seconds to minutes on a CPU
-        print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
-    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
-    print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
-    return fid
+    else:
+        (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in inputs)
+        _require(not (conv1 and conv2 and conv1 != conv2), f"the two statistics use different "
+                 f"conventions ({conv1} vs {conv2}): FID is meaningless")
+        if len(mu1) >= 512:  # two D x D eigendecompositions and an SVD: seconds to minutes on a CPU
+            print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
+        fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+        print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
+    for path, n in ((path, n) for path, (n, _) in folders.items() if n < 2048):  # after the result
+        print(f"warning: {path} has {n} images, fewer than the 2048 features: FID reads high "
+              f"and depends on N; compare FIDs at one N (the papers use 50,000)", file=sys.stderr)
+    return None if out else fid
 
 
 def main(argv=None):
-    parser = OneLineParser(prog="fid.py",
-                           description="FID between two image folders or .npz statistics")
-    parser.add_argument("path", nargs=2, help="image folders or .npz files with mu and sigma")
-    parser.add_argument("--save-stats", action="store_true",
-                        help="compute statistics of folder PATH1 and save them to PATH2 (.npz)")
-    parser.add_argument("--batch-size", type=_positive_int, default=200)
-    parser.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
-    parser.add_argument("--convention", choices=CONVENTIONS, default="tf")
-    parser.add_argument("--weights", default=None,
-                        help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
-    args = parser.parse_args(argv)
-    args.device = args.device or str(sra2.pick_device())
+    def positive_int(text):  # argparse's error: "argument --batch-size: must be an integer >= 1"
+        with contextlib.suppress(ValueError):
+            if (value := int(text)) >= 1:
+                return value
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files")
+    add = parser.add_argument
+    add("path", nargs=2, help="image folders or .npz files with mu and sigma")
+    add("--save-stats", action="store_true", help="save folder PATH1's statistics to PATH2 (.npz)")
+    add("--batch-size", type=positive_int, default=200)
+    add("--device", default=None, help="default: cuda, then mps, then cpu")
+    add("--convention", choices=CONVENTIONS, default="tf")
+    add("--weights", default=None, help=f"Inception .pth (default: ${WEIGHTS_ENV} or cache)")
     try:
-        return _run(args)
+        return _run(parser.parse_args(argv))
     except (OSError, ValueError) as error:  # bad input: one line naming it, no traceback
         parser.error(" ".join(str(error).split()))
 

@@ -1204,6 +1204,17 @@ def test_fid_preprocess_at_299_is_only_the_value_map():
         fid.preprocess(images, "clean-fid")
 
 
+def test_fid_inception_refuses_a_batch_that_is_not_preprocessed():
+    model = fid.FIDInceptionV3(with_fc=False)
+    # unbatched (3, 299, 299) would run through the convolutions; NHWC and 32 px would fail deep
+    for shape in [(3, 299, 299), (2, 299, 299, 3), (2, 3, 32, 32), (2, 1, 299, 299)]:
+        with pytest.raises(ValueError, match=re.escape(f"(N, 3, 299, 299) batch, got {shape}")):
+            model(torch.zeros(shape))
+    with torch.no_grad():
+        features, logits = model(torch.zeros(1, 3, 299, 299))
+    assert features.shape == (1, 2048) and logits is None
+
+
 def test_fid_batches_are_cut_to_batch_size_and_streams_are_accepted():
     model, rng = _FidStandIn(), np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
@@ -1269,20 +1280,22 @@ def test_fid_weights_resolution_order_and_missing_weights_message(tmp_path, monk
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "nowhere.pth").as_uri())
+    cached = tmp_path / ".cache" / "sra2" / fid.FID_WEIGHTS_FILE
     with pytest.raises(FileNotFoundError, match=f"{fid.WEIGHTS_ENV}") as error:
         fid.load_inception()
-    assert str(fid._cache_path()) in str(error.value) and "\n" not in str(error.value)
+    assert str(cached) in str(error.value) and "\n" not in str(error.value)
     message = str(error.value)
     assert "--weights" in message and "--inception" in message and "shared" not in message
-    assert not fid._cache_path().exists()  # a failed download leaves nothing behind
-    fid._cache_path().parent.mkdir(parents=True, exist_ok=True)
-    fid._cache_path().touch()
-    assert fid._resolve_weights() == fid._cache_path()
+    assert not cached.exists()  # a failed download leaves nothing behind
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.touch()  # an empty file: the error names the file that was chosen
+    with pytest.raises(ValueError, match=re.escape(f"{cached}: not the FID Inception weights")):
+        fid.load_inception()  # the cache, with no argument and no environment variable
     monkeypatch.setenv(fid.WEIGHTS_ENV, str(tmp_path / "env.pth"))
-    assert fid._resolve_weights() == tmp_path / "env.pth"
-    assert fid._resolve_weights(tmp_path / "arg.pth") == tmp_path / "arg.pth"
-    with pytest.raises(FileNotFoundError, match="arg.pth"):
-        fid.load_inception(tmp_path / "arg.pth")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"not found: {tmp_path / 'env.pth'}")):
+        fid.load_inception()  # the environment variable before the cache
+    with pytest.raises(FileNotFoundError, match=re.escape(f"not found: {tmp_path / 'arg.pth'}")):
+        fid.load_inception(tmp_path / "arg.pth")  # the argument before both
 
 
 # ---------------------------------------------------------------- the real network
@@ -2465,8 +2478,8 @@ def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monke
                              tmp_path / "junk.pth"])
     assert out.read_bytes() == before
 
-    def torn_savez(file, **arrays):
-        file.write(b"PK half")
+    def torn_savez(file, **arrays):  # file: the temporary .npz path
+        Path(file).write_bytes(b"PK half")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(fid, "load_inception", lambda weights, device: _FidStandIn())
     with monkeypatch.context() as patch:
@@ -2479,7 +2492,8 @@ def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monke
     argv = [str(folder), str(out), "--save-stats", "--device", "cpu", "--convention", "pytorch-fid"]
     assert fid.main(argv) is None
     assert capsys.readouterr().out == f"saved statistics (pytorch-fid convention) to {out}\n"
-    assert fid.load_statistics(out)[0].shape == (2048,) and fid._load_npz(out)[2] == "pytorch-fid"
+    assert fid.load_statistics(out)[0].shape == (2048,)
+    assert fid.load_statistics(out, return_convention=True)[2] == "pytorch-fid"
 
 
 # ---------------------------------------------------------------- tiny_demo.py
