@@ -1532,7 +1532,7 @@ def test_cpu_preset_settings():
     tiny_demo.check(s)
     assert (s.model, s.steps, s.batch_size, s.seeds, s.threads, s.heldout_n, s.heldout_evals,
             s.evals) == ("small", 1200, 64, [0, 1], 2, 1000, 8, 3)
-    assert tiny_demo.model_config(s)[2].depth == 8
+    assert tiny_demo.model_config(s).depth == 8
     assert tiny_demo.parse_args(["--preset", "cpu", "--steps", "7"]).steps == 7
     assert tiny_demo.describe(s) == (
         "preset cpu: small, 1200 steps of batch 64, lr 0.0003, joint clip 1, seeds [0, 1], "
@@ -1783,15 +1783,15 @@ def test_heldout_loss_equals_the_closed_form_for_the_exact_gaussian_velocity():
 def test_heldout_images_come_from_the_test_split(tmp_path):
     folder, train, _ = write_cifar_folder(tmp_path / "data")
     s = tiny_demo.parse_args([*TINY, "--data", str(folder), "--heldout-n", "12"])
-    images, labels = tiny_demo.load_test_images(s)
+    images, labels, _ = tiny_demo.load_data(s, "test")
     with open(folder / "test_batch", "rb") as f:
         raw = pickle.load(f)
     assert np.array_equal(images, raw[b"data"][:12].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     assert labels.tolist() == raw[b"labels"][:12]
     assert not any((train == im).all((1, 2, 3)).any() for im in images)
     with pytest.raises(tiny_demo.DemoError, match="--heldout-n 13: the test split has 12 images"):
-        tiny_demo.load_test_images(tiny_demo.parse_args([*TINY, "--data", str(folder),
-                                                         "--heldout-n", "13"]))
+        tiny_demo.load_data(tiny_demo.parse_args([*TINY, "--data", str(folder), "--heldout-n",
+                                                  "13"]), "test")
 
 
 @pytest.mark.slow

@@ -8,24 +8,16 @@
     python tiny_demo.py ... --resume     # after a crash or a kill: the same flags, plus --resume
     torchrun --nproc_per_node=N tiny_demo.py   # N GPUs (DDP): the same run, the batch split N ways
 
-The file reads as the pipeline: settings; data (CIFAR-10, downloaded once and MD5-checked, or
---data PATH, or synthetic shapes); stage 1 (a small KL conv VAE, 32x32x3 -> 16x16x4, trained once,
-the latents of every image and its mirror image cached: f_VAE exists before stage 2, the paper's
-premise); stage 2 (SiT on the latents, trained twice with the same seed, init, batches and noise:
-the baseline, and SRA 2 with projector P on block align_depth pulled toward the clean latent);
-measure (the held-out loss: the denoising term on test images at a fixed t grid with fixed noise;
-FID of EMA samples, no CFG, the same sampling noise in both runs, against the training images);
-pictures and tables (table.txt, results.json, log.txt and PNGs in --out); main. After it comes
-the infrastructure: checkpoints and resume, DDP helpers, chart drawing, small utilities.
-
-Conventions are sra2.py's: t = 0 data, t = 1 noise, x_t = (1 - t) z + t eps, v = eps - z.
-z (N, 4, 16, 16) is the normalised VAE latent, which is also f_VAE, the alignment target.
-The batch, t, eps and label-dropout mask of step k are functions of (seed, k) alone: both runs see
-them, a resumed run needs only k (it ends bit for bit where an uninterrupted run ends on a CPU),
-and torchrun's ranks take shares of one draw. FID-2k is biased upward against FID-50k: compare it
-only with itself; the speed-up is where SRA 2's FID curve last crosses the baseline's final FID.
+Top to bottom: settings; data; stage 1 (a small VAE, 32x32x3 -> 16x16x4, trained once and its
+latents cached: f_VAE exists before stage 2, the paper's premise); stage 2 (SiT trained twice on
+the same draws: the baseline, and SRA 2 with projector P on block align_depth pulled toward the
+clean latent); measure (held-out loss, FID); tables and pictures; main; then the infrastructure.
+Conventions are sra2.py's: t = 0 data, t = 1 noise, x_t = (1 - t) z + t eps, v = eps - z, and
+z (N, 4, 16, 16), the normalised VAE latent, is also f_VAE. The batch, t, eps and dropped labels
+of step k are functions of (seed, k) alone: both runs see them, a resumed run needs only k (it
+ends bit for bit where an uninterrupted one ends, on a CPU), torchrun's ranks take shares of one
+draw. FID-2k is biased upward against FID-50k: compare it only with itself.
 """
-import dataclasses
 import functools
 import hashlib
 import io
@@ -39,7 +31,6 @@ import sys
 import tarfile
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,9 +45,7 @@ import fid
 import sra2
 from fid import OneLineParser, Progress, atomic_write, fmt_time
 
-# =============================================================================================
-# Settings
-# =============================================================================================
+# ============================================ Settings ============================================
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -68,45 +57,61 @@ HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)
 # SiTs beyond the paper's presets, for CPU runs: (preset, overrides). Head dim 64 as in SiT.
 DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2)),
                "small": ("SiT-S/2", dict(depth=8, hidden_size=128, num_heads=2))}
-# The presets, knob by knob: (full, cpu, quick, help). full: SiT-S/2, the paper's smallest /2
-# model (its lr 1e-4 is for 400K steps; a run of minutes needs more); cpu: the question on two CPU
-# cores (README, Results); quick: everything runs in seconds, its numbers mean nothing (one
-# thread: its ops are small). Every knob is also a flag; a flag given wins.
 PRESETS = ("full", "cpu", "quick")
-KNOBS = {"model": ("SiT-S/2", "small", "tiny", "SiT preset, or tiny (4 blocks, D 128), small (8)"),
-         "steps": (4000, 1200, 60, "training steps per run"),
-         "batch_size": (256, 64, 32, "global batch"),
-         "lr": (3e-4, 3e-4, 1e-3, "AdamW learning rate, the same for both runs"),
-         "n_images": (None, 10000, 1024, "use the first N training images"),
-         "vae_width": (64, 32, 16, "VAE channels at 32x32"),
-         "vae_steps": (3000, 400, 80, ""),
-         "vae_batch": (256, 64, 32, ""),
-         "evals": (5, 3, 5, "FID checkpoints per run, 0 = none (--ablate: 1)"),
-         "fid_n": (2000, 250, 8, "images per checkpoint FID"),
-         "fid_sampling_steps": (50, 25, 10, "SDE steps for the checkpoint FIDs"),
-         "final_fid_n": (5000, 0, 12, "images for the final FID, 0 = none"),
-         "final_sampling_steps": (250, 50, 25, "SDE steps for the final FID"),
-         "fid_ref_n": (50000, 1000, 32, "training images in the FID reference"),
-         "sample_batch": (1000, 250, 64, "images per sampler batch"),
-         "log_every": (50, 25, 5, "steps per log line"),
-         "heldout_n": (2000, 1000, 24, "test images in the held-out set"),
-         "heldout_evals": (10, 8, 3, "held-out loss checkpoints, 0 = none"),
-         "seed": ("0", "0,1", "0", "one seed, or several comma-separated"),
-         "threads": (None, 2, 1, "CPU threads (none: torch's)")}
-
-
-class DemoError(Exception):
-    """A problem with the user's input: main() prints it as one line and exits with status 2."""
-
+# Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all, and what it is.
+# full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; a run of minutes
+# needs more); cpu: the question on two CPU cores (README, Results); quick: every stage in seconds,
+# its numbers mean nothing (one thread: its ops are small). A flag given wins over the preset.
+KNOBS = {
+    "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8)"),
+    "steps": ([4000, 1200, 60], "training steps per run"),
+    "batch_size": ([256, 64, 32], "global batch"),
+    "lr": ([3e-4, 3e-4, 1e-3], "AdamW learning rate, the same for both runs"),
+    "n_images": ([None, 10000, 1024], "use the first N training images (None: all)"),
+    "seed": (["0", "0,1", "0"], "one seed, or several comma-separated"),
+    "runs": ("baseline,sra2", "which runs to train"),
+    "threads": ([None, 2, 1], "CPU threads (None: torch's)"),
+    "log_every": ([50, 25, 5], "steps per log line"),
+    "grad_clip": (1.0, "gradient norm clip"),
+    "clip": ("joint", "clip SiT and P as one vector (REPA), each on its own, or not"),
+    "ema_decay": (0.9999, "cap of the EMA warm-up"),
+    "align_depth": (None, "aligned block, 1-indexed (None: the model's)"),
+    "align_loss": ("smooth_l1", "the alignment loss"),
+    "lam": (1.0, "weight of the alignment loss"),
+    "t_range": ((0.0, 1.0), "align only where t in [LO, HI], t = 0 data"),
+    "mlp_depth": (5, "projector layers"),
+    "mlp_width": (None, "projector width (None: 2D)"),
+    "target": ("mean", "SRA 2 target: the posterior mean, or a fresh posterior sample each step"),
+    "target_scale": (1.0, "SRA 2 target = this x the latent"),
+    "vae_width": ([64, 32, 16], "VAE channels at 32x32"),
+    "latent_channels": (4, "VAE latent channels"),
+    "vae_steps": ([3000, 400, 80], "VAE training steps"),
+    "vae_batch": ([256, 64, 32], "VAE batch"),
+    "vae_lr": (3e-4, "VAE learning rate"),
+    "vae_kl": (1e-5, "KL weight per latent element"),
+    "heldout_n": ([2000, 1000, 24], "test images in the held-out set"),
+    "heldout_evals": ([10, 8, 3], "held-out loss checkpoints, 0 = none"),
+    "evals": ([5, 3, 5], "FID checkpoints per run, 0 = none (--ablate: 1)"),
+    "fid_n": ([2000, 250, 8], "images per checkpoint FID"),
+    "fid_sampling_steps": ([50, 25, 10], "SDE steps for the checkpoint FIDs"),
+    "final_fid_n": ([5000, 0, 12], "images for the final FID, 0 = none"),
+    "final_sampling_steps": ([250, 50, 25], "SDE steps for the final FID"),
+    "fid_ref_n": ([50000, 1000, 32], "training images in the FID reference"),
+    "sample_batch": ([1000, 250, 64], "images per sampler batch"),
+    "ckpt_minutes": (3.0, "checkpoint period, 0 = never"),
+    "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
+CHOICES = {"model": [*sra2.PRESETS, *DEMO_MODELS], "clip": ["joint", "separate", "none"],
+           "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample"]}
 
 def parse_args(argv=None):
-    """The settings `args`: flags over the preset's values (--help shows each preset's)."""
-    p = OneLineParser(prog="tiny_demo", description=__doc__.splitlines()[0])
-    add = p.add_argument
-    add("--preset", default="full", choices=PRESETS, help="full: one GPU; cpu: two CPU cores; "
-        "quick: a smoke test (%(default)s)")
+    """The settings: the preset's knobs, and the flags given over them."""
+    parser = OneLineParser(prog="tiny_demo", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--preset", default="full", choices=PRESETS, help="one GPU, two CPU cores, a smoke test")
     add("--quick", action="store_true", help="the same as --preset quick")
     add("--ablate", action="store_true", help="Table 1 in miniature: one run per design choice")
+    add("--resume", action="store_true", help="continue each run from --out/ckpt/<run>.pt")
+    add("--compile", action="store_true", help="torch.compile the SiT (pays on long CUDA runs)")
     add("--out", default="demo_out", help="table, PNGs, log, results.json, ckpt/ (%(default)s)")
     add("--data", help="cifar-10-batches-py folder, its .tar.gz, or 'synthetic' (default: "
         "download into --cache; --quick: synthetic)")
@@ -115,117 +120,30 @@ def parse_args(argv=None):
     add("--inception", default=os.environ.get(fid.WEIGHTS_ENV),
         help=f"FID Inception weights .pth (default: env {fid.WEIGHTS_ENV}, else fid.py's)")
     add("--device", help="cuda, mps or cpu (default: cuda, then mps, then cpu)")
-    add("--compile", action="store_true", help="torch.compile the SiT (pays on long CUDA runs)")
-    add("--resume", action="store_true", help="continue each run from --out/ckpt/<run>.pt")
-    for key, (*values, text) in KNOBS.items():               # default None: the preset's value
-        add("--" + key.replace("_", "-"), type=type(values[-1]), default=None,
-            help=f"{text} ({'; '.join(f'{n} {v}' for n, v in zip(PRESETS, values))})".lstrip(),
-            **dict(choices=[*sra2.PRESETS, *DEMO_MODELS], metavar="NAME") if key == "model" else {})
-    add("--runs", default="baseline,sra2", help="which runs to train (%(default)s)")
-    add("--grad-clip", type=float, default=1.0, help="gradient norm clip (%(default)s)")
-    add("--clip", default="joint", choices=("joint", "separate", "none"),
-        help="clip SiT and P as one vector (REPA), each on its own, or not (%(default)s)")
-    add("--ema-decay", type=float, default=0.9999, help="cap of the EMA warm-up (%(default)s)")
-    add("--align-depth", type=int, help="aligned block, 1-indexed (default: the preset's)")
-    add("--align-loss", default="smooth_l1", choices=sra2.ALIGN_LOSSES, help="(%(default)s)")
-    add("--mlp-depth", type=int, default=5, help="projector layers (%(default)s)")
-    add("--mlp-width", type=int, help="projector width (default 2D)")
-    add("--target-scale", type=float, default=1.0, help="SRA 2 target = this x the latent (1)")
-    add("--target", default="mean", choices=("mean", "sample"),
-        help="SRA 2 target: the posterior mean, or a fresh posterior sample each step (mean)")
-    add("--lam", type=float, default=1.0, help="weight of the alignment loss (%(default)s)")
-    add("--t-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
-        help="align only where t in [LO, HI], t = 0 data (0 1)")
-    add("--ckpt-minutes", type=float, default=3.0, help="checkpoint period, 0 = never (3)")
-    add("--ckpt-every", type=int, default=0, help="also a checkpoint every N steps (0: never)")
-    add("--vae-lr", type=float, default=3e-4, help="(%(default)s)")
-    add("--vae-kl", type=float, default=1e-5, help="KL weight per latent element (%(default)s)")
-    add("--latent-channels", type=int, default=4, help="(%(default)s)")
-    args = p.parse_args(argv)
+    for key, (values, text) in KNOBS.items():                 # default None: the preset's value
+        values = values if isinstance(values, list) else [values] * 3
+        kind = type(next((v for v in values if v is not None), 0))
+        shown = "; ".join(f"{p} {v}" for p, v in zip(PRESETS, values)) if len(
+            set(map(str, values))) > 1 else "%g %g" % values[0] if kind is tuple else values[0]
+        pair = dict(type=float, nargs=2, metavar=("LO", "HI")) if kind is tuple else dict(
+            type=kind, metavar="NAME" if key == "model" else None)
+        add("--" + key.replace("_", "-"), choices=CHOICES.get(key), help=f"{text} ({shown})",
+            **pair)
+    args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.preset = "quick" if args.quick else args.preset
-    args.quick, evals_given = args.preset == "quick", args.evals is not None
-    for key, values in KNOBS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, values[PRESETS.index(args.preset)])
+    args.quick = args.preset == "quick"
     args.data = "synthetic" if args.quick and args.data is None else args.data
-    args.evals = 1 if args.ablate and not evals_given else args.evals   # Table 1: the end only
+    args.evals = 1 if args.ablate and args.evals is None else args.evals   # Table 1: the end only
+    for key, (values, _) in KNOBS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, values[PRESETS.index(args.preset)] if isinstance(values, list)
+                    else values)
     return args
-
-
-def parse_seeds(text):
-    try:
-        return [int(v) for v in str(text).split(",")]
-    except ValueError:
-        return None
-
-
-# What each flag must be, checked in this order: (flags, ok(value, args), need). A bad value gets
-# one line: "--flag must be <need>, got <value>", or `need` itself where it names the flag. A
-# value of None (left open by the preset) passes.
-FLAG_RULES = [
-    (("lr", "grad_clip", "ema_decay", "target_scale", "lam", "t_range", "ckpt_minutes", "vae_lr",
-      "vae_kl"), lambda v, a: all(map(math.isfinite, np.atleast_1d(v))), "a finite number"),
-    (("seed",), lambda v, a: parse_seeds(v) is not None,
-     "{flag} {v!r}: need an integer or comma-separated integers"),
-    (("seed",), lambda v, a: len(set(parse_seeds(v))) == len(parse_seeds(v))
-     and all(0 <= seed < 2**31 for seed in parse_seeds(v)),
-     "{flag} {v!r}: need distinct seeds in 0..2147483647"),
-    (("steps", "batch_size", "threads", "n_images", "vae_steps", "vae_batch", "vae_width",
-      "sample_batch", "mlp_depth", "mlp_width", "log_every", "latent_channels",
-      "fid_sampling_steps", "final_sampling_steps"), lambda v, a: v >= 1, ">= 1"),
-    (("evals", "heldout_evals", "ckpt_every", "ckpt_minutes", "vae_kl", "lam"),
-     lambda v, a: v >= 0, ">= 0"),
-    (("lr", "grad_clip", "target_scale", "vae_lr"), lambda v, a: v > 0, "> 0"),
-    (("fid_n", "fid_ref_n"), lambda v, a: v >= 2, ">= 2 (FID needs a covariance)"),
-    (("final_fid_n",), lambda v, a: v == 0 or v >= 2,
-     ">= 2 (FID needs a covariance), or 0 for none"),
-    (("heldout_n",), lambda v, a: v >= HELDOUT_T or not a.heldout_evals,
-     f">= {HELDOUT_T} (one image per point of the t grid)"),
-    (("ema_decay",), lambda v, a: 0 <= v < 1, "in [0, 1)"),
-    (("t_range",), lambda v, a: 0 <= v[0] < v[1] <= 1,
-     "LO HI with 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"),
-    (("runs",), lambda v, a: set(v.split(",")) <= {"baseline", "sra2"}
-     and len(set(v.split(","))) == len(v.split(",")),
-     "{flag} {v!r}: need baseline, sra2 or baseline,sra2"),
-    (("batch_size",), lambda v, a: v % torchrun_world() == 0, "{flag} {v} does not split evenly "
-     "over {world} processes (the global batch is shared out across torchrun's ranks)"),
-    (("vae_width",), lambda v, a: v % 8 == 0, "a multiple of 8 (GroupNorm groups)"),
-    (("steps",), lambda v, a: max(a.evals, a.heldout_evals) <= v,
-     "--evals {a.evals} / --heldout-evals {a.heldout_evals}: more than --steps {v}"),
-    (("align_depth",), lambda v, a: 1 <= v <= model_config(a)[2].depth,
-     "{flag} {v} is beyond {a.model}'s {depth} blocks (choose 1..{depth})"),
-]
-
-
-def check(args):
-    """Every impossible setting as one line (FLAG_RULES), before any work; then the derived ones."""
-    config = model_config(args)[2]
-    args.align_depth = config.align_depth if args.align_depth is None else args.align_depth
-    for names, ok, need in FLAG_RULES:
-        for name in (name for name in names if getattr(args, name) is not None):
-            value = getattr(args, name)
-            if not ok(value, args):
-                shown = value if isinstance(value, str) else " ".join(
-                    f"{x:g}" for x in np.atleast_1d(value))
-                line = need if "{flag}" in need or "--" in need else "{flag} must be " + need + \
-                    ", got {v}"
-                raise DemoError(line.format(flag="--" + name.replace("_", "-"), v=shown, a=args,
-                                            world=torchrun_world(), depth=config.depth))
-    args.seeds = parse_seeds(args.seed)
-    args.seed, args.runs = args.seeds[0], args.runs.split(",")
-    args.ckpt_fid = f"{fid_name(args.fid_n)} {args.fid_sampling_steps}-step"
-    args.final_fid = f"{fid_name(args.final_fid_n)} {args.final_sampling_steps}-step"
-
-
-def fid_name(n):
-    """FID-2k, FID-250: FIDs compare only at equal image counts (and samplers)."""
-    return f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"
-
 
 def describe(args):
     """The settings that make the run what it is, in one line (printed first)."""
-    fids = (f"{args.ckpt_fid} at {args.evals} checkpoints" if args.evals else "no FID checkpoints")
+    fids = f"{args.ckpt_fid} at {args.evals} checkpoints" if args.evals else "no FID checkpoints"
     fids += f", {args.final_fid} at the end" if args.final_fid_n else ""
     heldout = (f"held-out loss on {args.heldout_n} test images at {args.heldout_evals} checkpoints"
                if args.heldout_evals else "no held-out loss")
@@ -233,41 +151,40 @@ def describe(args):
             f"lr {args.lr:g}, {args.clip} clip {args.grad_clip:g}, seeds {args.seeds}, "
             f"{', '.join(args.runs)}; {heldout}; {fids}")
 
+# ======= Data: CIFAR-10 (downloaded once, MD5-checked, or --data PATH), or synthetic shapes =======
 
-# =============================================================================================
-# Data: CIFAR-10 from the official archive or a folder, or synthetic shapes
-# =============================================================================================
+def load_data(args, split="train"):
+    """(images uint8 (n, 32, 32, 3), labels (n,), description): the first --n-images training
+    images, or the first --heldout-n test images (never trained on)."""
+    n = args.n_images if split == "train" else args.heldout_n
+    if args.data == "synthetic":                          # the test split has a seed of its own
+        images, labels = synthetic_images(n or 50000, args.seed if split == "train" else 1_000_003)
+        return images, labels, f"SYNTHETIC shapes ({len(labels)} images; not CIFAR-10, numbers " \
+            "not meaningful)"
+    source = Path(args.data) if args.data else download_cifar(args.cache)
+    images, labels = read_cifar(source, split)
+    if split == "test" and len(images) < n:
+        raise DemoError(f"--heldout-n {n}: the test split has {len(images)} images")
+    return images[:n], labels[:n], f"CIFAR-10 {split} ({len(labels[:n])} images, from {source})"
 
-
-class ArrayUnpickler(pickle.Unpickler):
-    """CIFAR-10's batches are pickles: load numpy arrays and plain values, refuse any other global
-    (a doctored data file cannot run code)."""
-    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-               for n in ("_reconstruct", "scalar")} | {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy.core.numeric", "_frombuffer"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def parse_cifar_batch(name, raw):
-    """One pickled batch -> (images uint8 (n, 32, 32, 3), labels int64 (n,))."""
-    bad = f"{name}: corrupt CIFAR-10 batch file"
-    try:
-        batch = ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
-    except Exception as error:                                 # a bad pickle can raise anything
-        raise DemoError(f"{bad} ({type(error).__name__}: {error})") from None
-    if data.dtype != np.uint8 or data.shape[1:] != (3072,) or len(labels) != len(data):
-        raise DemoError(f"{bad} (data {data.dtype} {data.shape}, {len(labels)} labels; expected "
-                        "uint8 (n, 3072) and n labels)")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DemoError(f"{bad} (labels outside 0..9)")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels    # R,G,B planes -> NHWC
-
+def synthetic_images(n, seed=0):
+    """Class-conditional stand-in for CIFAR-10 (tests, --quick): class k is a shape (k % 5: disc,
+    square, ring, bar, cross) in a hue of its own, at a random place and size, on a random dark
+    gradient. Learnable in seconds; NOT a benchmark."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    labels, images = rng.integers(0, 10, n), np.empty((n, 32, 32, 3), np.uint8)
+    for i, k in enumerate(labels):
+        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
+        dy, dx = yy - cy, xx - cx
+        mask = [dy**2 + dx**2 < r**2, np.maximum(abs(dy), abs(dx)) < r * 0.8,
+                abs(np.sqrt(dy**2 + dx**2) - r * 0.8) < 2, abs(dy) < r * 0.35,
+                (abs(dy) < 2) | (abs(dx) < 2)][k % 5] & (abs(dy) < r) & (abs(dx) < r)
+        color = 140 + 110 * np.cos((k / 10 + np.array([0, 1 / 3, 2 / 3])) * 2 * np.pi
+                                   + rng.normal(0, 0.15))
+        background = rng.uniform(0, 90, 3) * (0.5 + 0.5 * (yy / 31)[..., None])
+        images[i] = np.where(mask[..., None], color, background).clip(0, 255)
+    return images, labels.astype(np.int64)
 
 def read_cifar(path, split="train"):
     """A split of CIFAR-10 from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
@@ -276,116 +193,51 @@ def read_cifar(path, split="train"):
     if not path.exists():
         raise DemoError(f"--data {path}: no such file or folder")
     if path.is_dir():
-        folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        missing = ", ".join(n for n in names if not (folder / n).is_file())
-        if missing:
-            raise DemoError(f"--data {path}: not a CIFAR-10 python folder ({missing} missing)")
-        raws = [(str(folder / n), (folder / n).read_bytes()) for n in names]
+        where = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        raws = {n: (where / n).read_bytes() for n in names if (where / n).is_file()}
     else:
         try:
             with tarfile.open(path, "r:*") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                missing = ", ".join(n for n in names if n not in members)
-                if missing:
-                    raise DemoError(f"{path}: not the CIFAR-10 python archive ({missing} missing)")
-                raws = [(f"{path}:{n}", tar.extractfile(members[n]).read()) for n in names]
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+                raws = {n: tar.extractfile(members[n]).read() for n in names if n in members}
+        except Exception as error:                             # tarfile, gzip, zlib, OS errors
             raise DemoError(f"{path}: corrupt or truncated archive ({type(error).__name__}: "
                             f"{error})") from None
-    parts = [parse_cifar_batch(name, raw) for name, raw in raws]
+        where = path
+    missing = ", ".join(n for n in names if n not in raws)
+    if missing:
+        kind = "a CIFAR-10 python folder" if path.is_dir() else "the CIFAR-10 python archive"
+        raise DemoError(f"--data {path}: not {kind} ({missing} missing)")
+    parts = [parse_cifar_batch(f"{where}/{n}", raws[n]) for n in names]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+def parse_cifar_batch(name, raw):
+    """One pickled batch -> (images uint8 (n, 32, 32, 3), labels int64 (n,))."""
+    try:
+        batch = ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
+        ok = data.dtype == np.uint8 and data.shape[1:] == (3072,) and len(labels) == len(data)
+        problem = None if ok and ((labels >= 0) & (labels <= 9)).all() else (
+            f"data {data.dtype} {data.shape}, {len(labels)} labels; expected uint8 (n, 3072) "
+            "and n labels in 0..9")
+    except Exception as error:                                 # a bad pickle can raise anything
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        raise DemoError(f"{name}: corrupt CIFAR-10 batch file ({problem})")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels    # R,G,B planes -> NHWC
 
-def md5_of(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+class ArrayUnpickler(pickle.Unpickler):
+    """Numpy arrays and plain values only: a doctored data file cannot run code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in
+        (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
 
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
 
-def download_cifar(cache):
-    """The official archive in `cache`, downloaded once; only a file with the right MD5 is kept."""
-    archive = Path(cache) / "cifar-10-python.tar.gz"
-    if archive.is_file():
-        if md5_of(archive) != CIFAR_MD5:
-            raise DemoError(f"{archive}: MD5 mismatch (corrupt file); delete it to download again")
-        return archive
-
-    def fetch(tmp):
-        try:
-            with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, open(tmp, "wb") as f:
-                total = int(response.headers.get("Content-Length") or 170498071)
-                bar, done = Progress("download CIFAR-10", total // 2**20, "MiB"), 0
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    bar.update(done // 2**20)
-                bar.close()
-        except OSError as error:
-            raise DemoError(f"could not download {CIFAR_URL} ({error}); pass --data PATH to a "
-                            "local copy (a cifar-10-batches-py folder or the .tar.gz)") from None
-        if md5_of(tmp) != CIFAR_MD5:
-            raise DemoError(f"downloaded {CIFAR_URL} but its MD5 is wrong (corrupt transfer); "
-                            "run again")
-    say(f"downloading CIFAR-10 (163 MiB) to {archive}")
-    atomic_write(archive, fetch)
-    return archive
-
-
-def synthetic_images(n, seed=0):
-    """Class-conditional stand-in for CIFAR-10 (tests, --quick): class k is a shape (k % 5: disc,
-    square, ring, bar, cross) in a hue of its own, at a random place and size, on a random dark
-    gradient. Learnable in seconds; NOT a benchmark."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
-    labels = rng.integers(0, 10, n)
-    images = np.empty((n, 32, 32, 3), np.uint8)
-    for i, k in enumerate(labels):
-        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
-        dy, dx = yy - cy, xx - cx
-        mask = [dy**2 + dx**2 < r**2, np.maximum(abs(dy), abs(dx)) < r * 0.8,
-                abs(np.sqrt(dy**2 + dx**2) - r * 0.8) < 2, abs(dy) < r * 0.35,
-                (abs(dy) < 2) | (abs(dx) < 2)][k % 5] & (abs(dy) < r) & (abs(dx) < r)
-        hue = (k / 10 + np.array([0, 1 / 3, 2 / 3])) * 2 * np.pi
-        color = 140 + 110 * np.cos(hue + rng.normal(0, 0.15))
-        background = rng.uniform(0, 90, 3) * (0.5 + 0.5 * (yy / 31)[..., None])
-        images[i] = np.where(mask[..., None], color, background).clip(0, 255)
-    return images, labels.astype(np.int64)
-
-
-def load_data(args):
-    """(images uint8 (N, 32, 32, 3), labels (N,), description, identity hash)."""
-    if args.data == "synthetic":
-        images, labels = synthetic_images(args.n_images or 50000, args.seed)
-        return images, labels, (f"SYNTHETIC shapes ({len(labels)} images; not CIFAR-10, numbers "
-                                "not meaningful)"), digest(images.tobytes(), labels.tobytes())
-    source = Path(args.data) if args.data else download_cifar(args.cache)
-    images, labels = read_cifar(source)
-    if args.data and source.name.endswith("gz") and source.is_file() and \
-            md5_of(source) != CIFAR_MD5:
-        say(f"note: {source} is not the official archive (MD5 differs); using it anyway")
-    images, labels = images[:args.n_images], labels[:args.n_images]
-    return (images, labels, f"CIFAR-10 train ({len(labels)} images, from {source})",
-            digest(images.tobytes(), labels.tobytes()))
-
-
-def load_test_images(args):
-    """The first --heldout-n images of CIFAR-10's test split (never trained on), or synthetic ones
-    drawn with a seed of their own."""
-    if args.data == "synthetic":
-        return synthetic_images(args.heldout_n, seed=1_000_003)
-    source = Path(args.data) if args.data else download_cifar(args.cache)
-    images, labels = read_cifar(source, "test")
-    if len(images) < args.heldout_n:
-        raise DemoError(f"--heldout-n {args.heldout_n}: the test split has {len(images)} images")
-    return images[:args.heldout_n], labels[:args.heldout_n]
-
-
-# =============================================================================================
-# Stage 1: the VAE whose latents are what SiT denoises and SRA 2's target f_VAE
-# =============================================================================================
-
+# ============= Stage 1: the VAE whose latents SiT denoises, and SRA 2's target f_VAE ==============
 
 class ResBlock(nn.Module):
     def __init__(self, ch):
@@ -395,7 +247,6 @@ class ResBlock(nn.Module):
 
     def forward(self, x):
         return x + self.body(x)
-
 
 class VAE(nn.Module):
     """Images (N, 3, 32, 32) in [-1, 1] <-> latents (N, C, 16, 16); posterior N(mean, exp(logvar)).
@@ -421,23 +272,15 @@ class VAE(nn.Module):
     def decode(self, z):
         return self.decoder(z)
 
-
 def to_float(images_u8):
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """float NCHW in [-1, 1] -> uint8 NHWC on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
 
 def train_vae(images, args, device):
     torch.manual_seed(VAE_SEED)
     vae = VAE(args.vae_width, args.latent_channels).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0)
-    pixels = torch.from_numpy(images).to(device)                       # uint8 (N, 32, 32, 3)
-    bar = Progress("stage 1: VAE", args.vae_steps)
+    pixels, bar = torch.from_numpy(images).to(device), Progress("stage 1: VAE", args.vae_steps)
     for step in range(1, args.vae_steps + 1):
         x = to_float(pixels[torch.randint(len(pixels), (args.vae_batch,), device=device)])
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)   # flips
@@ -454,107 +297,75 @@ def train_vae(images, args, device):
     bar.close()
     return vae.eval().requires_grad_(False)
 
-
 @torch.no_grad()
-def encode_all(vae, images, device, batch=1000):
-    """Posterior means and standard deviations of every image and of its mirror image:
-    2 x (2, N, C, 16, 16) float32 on the CPU."""
-    out, bar = [[], [], [], []], Progress("stage 1: encoding", len(images), "img")
-    for i in range(0, len(images), batch):
-        x = to_float(torch.from_numpy(images[i:i + batch]).to(device))
-        for flip in (0, 1):
-            mean, logvar = vae.encode(x.flip(3) if flip else x)
-            out[flip].append(mean.float().cpu())
-            out[2 + flip].append((0.5 * logvar.float()).exp().cpu())
-        bar.update(i + len(x))
+def encode(vae, images, device, label="stage 1: encoding"):
+    """uint8 images (N, 32, 32, 3) -> posterior means and standard deviations, 2 x (N, C, 16, 16)
+    float32 on the CPU."""
+    means, stds, bar = [], [], Progress(label, len(images), "img")
+    for i in range(0, len(images), 1000):
+        mean, logvar = vae.encode(to_float(torch.from_numpy(images[i:i + 1000].copy()).to(device)))
+        means.append(mean.float().cpu())
+        stds.append((0.5 * logvar.float()).exp().cpu())
+        bar.update(i + len(mean))
     bar.close()
-    pairs = [torch.stack([torch.cat(out[k]), torch.cat(out[k + 1])]) for k in (0, 2)]
-    return pairs[0], pairs[1]
-
+    return torch.cat(means), torch.cat(stds)
 
 def stage1_path(args, data_id):
     settings = dict(width=args.vae_width, channels=args.latent_channels, kl=args.vae_kl,
-                    lr=args.vae_lr, steps=args.vae_steps, batch=args.vae_batch, seed=VAE_SEED,
-                    version=2)
-    return Path(args.cache) / f"stage1-{digest(settings, data_id)}.pt", settings
-
+                    lr=args.vae_lr, steps=args.vae_steps, batch=args.vae_batch, seed=VAE_SEED)
+    return Path(args.cache) / f"stage1-{digest(dict(settings, version=2), data_id)}.pt"
 
 def stage1(images, data_id, args, device):
-    """The VAE, trained or from the cache, and the normalised latents (2 flips, N, C, 16, 16)."""
-    path, settings = stage1_path(args, data_id)
+    """The VAE, trained or from the cache, the normalised latents of every image and its mirror
+    image (2, N, C, 16, 16) and their posterior standard deviations."""
+    path = stage1_path(args, data_id)
     saved = read_cache(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
-    if saved is not None:
-        say(f"stage 1: VAE and latents from the cache ({path.name})")
-    else:
-        tic = time.perf_counter()
-        vae = train_vae(images, args, device)
-        latents, stds = encode_all(vae, images, device)                # 2 x (2, N, C, 16, 16)
+    if saved is None:
+        tic, vae = time.perf_counter(), train_vae(images, args, device)
+        both = [encode(vae, im, device) for im in (images, images[:, :, ::-1])]    # the mirror
+        latents, stds = (torch.stack(pair) for pair in zip(*both))     # 2 x (2, N, C, 16, 16)
         # Normalised to mean 0, std 1 (the SD-VAE's 0.18215 is such a scale): the noise
         # eps ~ N(0, I) must be on the latents' scale, and the SRA 2 target inherits it.
         shift, scale = latents.mean().item(), 1.0 / latents.std().item()
-        saved = dict(vae={k: v.cpu() for k, v in vae.state_dict().items()}, settings=settings,
-                     latents=((latents - shift) * scale).half(), std=(stds * scale).half(),
-                     shift=shift, scale=scale,
-                     raw_std=latents.std().item(), seconds=time.perf_counter() - tic)
+        saved = dict(vae=vae.state_dict(), latents=((latents - shift) * scale).half(),
+                     std=(stds * scale).half(), shift=shift, scale=scale,
+                     seconds=time.perf_counter() - tic)
         atomic_write(path, lambda tmp: torch.save(saved, tmp))
-        say(f"stage 1: VAE trained and {2 * len(images)} latents encoded in "
-            f"{fmt_time(saved['seconds'])} (cached as {path.name})")
     vae = VAE(args.vae_width, args.latent_channels)
     vae.load_state_dict(saved["vae"])
-    z = saved["latents"].float()
-    say(f"        latents {tuple(z.shape[1:])} x 2 flips; raw std {saved['raw_std']:.3f}, "
-        f"shift {saved['shift']:+.3f}, scale {saved['scale']:.4f} (std now {z.std():.3f})")
-    return SimpleNamespace(vae=vae.to(device).eval().requires_grad_(False), latents=z,
-                           std=saved["std"].float(),
-                           shift=saved["shift"], scale=saved["scale"],
-                           seconds=saved.get("seconds", 0.0))
-
+    say(f"stage 1: VAE and latents {tuple(saved['latents'].shape)} (2 flips, shift "
+        f"{saved['shift']:+.3f}, scale {saved['scale']:.4f}), {path.name}, made in "
+        f"{fmt_time(saved['seconds'])}")
+    return SimpleNamespace(vae=vae.to(device).eval().requires_grad_(False),
+                           latents=saved["latents"].float(), std=saved["std"].float(),
+                           shift=saved["shift"], scale=saved["scale"])
 
 @torch.no_grad()
 def decode(stage, z):
     """Normalised latents (N, C, 16, 16) -> uint8 images (N, 32, 32, 3) on the CPU."""
-    return to_uint8(stage.vae.decode(z.float() / stage.scale + stage.shift))
+    x = stage.vae.decode(z.float() / stage.scale + stage.shift).float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
+# ================ Stage 2: one training run (the baseline when run.align is False) ================
 
-# =============================================================================================
-# Stage 2: one training run (the baseline when run.align is False)
-# =============================================================================================
-
-
-@dataclasses.dataclass
-class Run:
-    """One stage-2 run: its name (files), label (tables) and SRA 2 settings."""
-    name: str
-    label: str
-    align: bool
-    align_depth: int
-    align_loss: str
-    lam: float
-    t_range: tuple
-    mlp_depth: int
-    mlp_width: int
-    target_scale: float
-    target: str                                      # "mean" or "sample" of the VAE posterior
-    settings: str = ""                               # the SRA 2 settings in words
-
+SRA2_KEYS = ("align_depth", "align_loss", "lam", "t_range", "mlp_depth", "mlp_width",
+             "target_scale", "target")
 
 def make_run(args, name, label, align, **changes):
-    run = Run(name, label, align, args.align_depth, args.align_loss, args.lam,
-              tuple(args.t_range), args.mlp_depth, args.mlp_width, args.target_scale,
-              args.target)
-    run = dataclasses.replace(run, **changes)
-    width = f"width {run.mlp_width}" if run.mlp_width else "width 2D"
-    scale = f", target x {run.target_scale:g}" if run.target_scale != 1 else ""
-    scale += ", target a posterior sample" if run.target == "sample" else ""
+    """A stage-2 run: its name (files), label (tables), and SRA 2 settings (args', changed)."""
+    run = SimpleNamespace(name=name, label=label, align=align,
+                          **{**{key: getattr(args, key) for key in SRA2_KEYS}, **changes})
+    run.t_range, width = tuple(run.t_range), run.mlp_width or "2D"
+    target = f", target x {run.target_scale:g}" if run.target_scale != 1 else ""
+    target += ", target a posterior sample" if run.target == "sample" else ""
     run.settings = "vanilla" if not align else (
         f"block {run.align_depth}, {run.align_loss}, lambda {run.lam:g}, t in [{run.t_range[0]:g}, "
-        f"{run.t_range[1]:g}], {run.mlp_depth}-layer MLP of {width}{scale}")
+        f"{run.t_range[1]:g}], {run.mlp_depth}-layer MLP of width {width}{target}")
     return run
 
-
-def ablation_runs(args, depth):
+def ablation_runs(args):
     """(group, setting, run) rows of Table 1; the default SRA 2 run appears once per group."""
-    d0 = args.align_depth
+    d0, depth = args.align_depth, model_config(args).depth
     deeper = sorted({min(depth, max(d0 + 1, depth // 2)), min(depth, max(d0 + 2, 2 * depth // 3))}
                     - {d0})
     groups = [("align depth", [(f"{d0}", {})] + [(f"{d}", dict(align_depth=d)) for d in deeper]),
@@ -573,23 +384,17 @@ def ablation_runs(args, depth):
                                                   **change) if change else default))
     return rows
 
-
 def model_config(args):
-    """(preset, overrides, the SiTConfig the run builds), without building it."""
+    """The SiTConfig of --model on 16x16xC latents with 10 classes."""
     preset, overrides = DEMO_MODELS.get(args.model, (args.model, {}))
-    overrides = {**overrides, **dict(input_size=16, in_channels=args.latent_channels,
-                                     num_classes=10)}
-    return preset, overrides, sra2.SiTConfig(**{**sra2.PRESETS[preset], **overrides})
-
+    return sra2.SiTConfig(**{**sra2.PRESETS[preset], **overrides, "input_size": 16,
+                             "in_channels": args.latent_channels, "num_classes": 10})
 
 def build(args, run, device):
-    preset, overrides, _ = model_config(args)
     torch.manual_seed(args.seed)                                       # same SiT init in every run
-    model = sra2.create_sit(preset, **overrides).to(device)
-    projector = (sra2.make_projector(model, depth=run.mlp_depth, width=run.mlp_width).to(device)
-                 if run.align else None)
-    return model, projector
-
+    model = sra2.SiT(model_config(args)).to(device)
+    return model, sra2.make_projector(model, run.mlp_depth, run.mlp_width).to(device) if \
+        run.align else None
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed, epoch, n, device="cpu"):
@@ -599,7 +404,6 @@ def epoch_order(seed, epoch, n, device="cpu"):
     perm, flip = torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g)
     return perm.to(device), flip.to(device)
 
-
 def batch_indices(step, n, batch_size, seed, device="cpu"):
     """Images and flips of step `step`, a pure function of (seed, step): every run sees the same
     batches and resuming needs only the step. An epoch's last partial batch is dropped."""
@@ -608,32 +412,13 @@ def batch_indices(step, n, batch_size, seed, device="cpu"):
     idx = perm[i * batch_size:(i + 1) * batch_size]
     return idx, flip[idx]
 
-
 def step_noise(generator, seed, step, shape, drop_prob):
     """t, eps and the label-dropout mask of the global batch of step `step`, from (seed, step)
     alone like the batch: each torchrun rank takes its share of what one process would draw."""
     generator.manual_seed((seed + 1) << 32 | step)
     t = torch.rand(shape[0], generator=generator, device=generator.device)       # t ~ U[0, 1)
     eps = torch.randn(shape, generator=generator, device=generator.device)       # eps ~ N(0, I)
-    drop = torch.rand(shape[0], generator=generator, device=generator.device) < drop_prob
-    return t, eps, drop
-
-
-def new_record(run, args, model, projector):
-    """A run's record, a plain dict (checkpoints hold it, results.json lists it, less the grids):
-    name, label, seed, settings   which run; settings: its SRA 2 settings in words
-    params, projector_params      parameter counts of SiT and P (0 for the baseline)
-    log       [{step, loss, denoise, align, grad_norm, wall}], means over --log-every steps
-    heldout   [{step, wall, loss, low, middle, high}] at the held-out checkpoints
-    evals     [{step, wall, fid}] at the FID checkpoints; grids {step: its first 100 images}
-    wall, heldout_seconds, clipped   train time (s), held-out time (s), steps above the clip
-    final_fid, final_grid   added when the run ends (final_fid is None without a final FID);
-                            a record with final_fid is a finished run."""
-    return dict(name=run.name, label=run.label, seed=args.seed, settings=run.settings,
-                params=sum(p.numel() for p in model.parameters()),
-                projector_params=sum(p.numel() for p in projector.parameters()) if projector else 0,
-                log=[], heldout=[], evals=[], grids={}, wall=0.0, heldout_seconds=0.0, clipped=0)
-
+    return t, eps, torch.rand(shape[0], generator=generator, device=generator.device) < drop_prob
 
 def train_run(run, stage, labels, args, device, fid_meter, out):
     """Train one run for args.steps (with --resume, from its checkpoint on), measuring the held-out
@@ -642,19 +427,29 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     model, projector = build(args, run, device)
     ema = sra2.create_ema(model)
     sit_params = [p for p in model.parameters() if p.requires_grad]
-    params = sit_params + list(projector.parameters() if projector else [])
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0,
+    p_params = list(projector.parameters()) if projector else []
+    opt = torch.optim.AdamW(sit_params + p_params, lr=args.lr, weight_decay=0,
                             fused=device.type == "cuda")
     # Clipping SiT and P as one vector (REPA) lets a large alignment gradient shrink the
     # denoising update too; "separate" clips each alone; "none" still measures the norm.
-    groups = [g for g in ([sit_params, params[len(sit_params):]] if args.clip == "separate"
-                          else [params]) if g]
-    limit = math.inf if args.clip == "none" else args.grad_clip
-    rec, path, start = new_record(run, args, model, projector), ckpt_path(args, out, run), 0
+    groups = [sit_params, p_params] if args.clip == "separate" else [sit_params + p_params]
+    groups, limit = [g for g in groups if g], math.inf if args.clip == "none" else args.grad_clip
+    # The record, plain values (checkpoints hold it, results.json lists it less the grids): log,
+    # heldout, evals have an entry per log line (means since the last) and per checkpoint; wall is
+    # the train time (s); clipped counts steps above the clip; final_fid, set last, marks the end.
+    count = lambda module: sum(p.numel() for p in module.parameters()) if module else 0
+    rec = dict(name=run.name, label=run.label, seed=args.seed, settings=run.settings,
+               params=count(model), projector_params=count(projector), log=[], heldout=[],
+               evals=[], grids={}, wall=0.0, heldout_seconds=0.0, clipped=0)
+    path, start = ckpt_path(args, out, run), 0
     if args.resume and path.is_file():                         # checked before any work (main)
-        start, rec = restore(load_checkpoint(path, args, run), model, ema, projector, opt, rec)
-        say(f"{run.label}: " + ("finished; its record is reused" if "final_fid" in rec
-                                else f"resumed at step {start}") + f" ({path})")
+        ckpt = load_checkpoint(path, args, run)
+        for module, key in ((model, "model"), (ema, "ema"), (projector, "projector"),
+                            (opt, "optimizer")):
+            module is None or module.load_state_dict(ckpt[key])
+        start, rec = ckpt["step"], {**rec, **ckpt["record"]}
+        say(f"{run.label}: " + ("finished; its record is reused" if "final_fid" in rec else
+                                f"resumed at step {start}") + f" ({path})")
         if "final_fid" in rec:
             return rec
     net, proj = data_parallel(model, device), data_parallel(projector, device)
@@ -665,7 +460,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     eval_steps, heldout_steps = due(args.evals), due(args.heldout_evals)
     generator, mine = torch.Generator(device), slice(rank, None, world)  # this rank's share
     sums = torch.zeros(5, device=device)                   # loss, denoise, align, norm, clipped
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)   # step of the first NaN or inf
     last_log, saved, last_save = start, start or None, time.perf_counter()
     bar, tic = Progress(f"stage 2: {run.label}", args.steps), time.perf_counter()
     for step in range(start + 1, args.steps + 1):
@@ -692,8 +487,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         sums += torch.cat([terms, (norms > args.grad_clip).any().float()[None]])
         first_bad = torch.where((first_bad == 0) & ~terms.isfinite().all(), step, first_bad)
         if step == start + 1:                  # compile and start-up are not train time (both runs)
-            sync_time(device, tic)
-            tic = time.perf_counter()
+            tic = synced_clock(device)
         ckpt_due = args.ckpt_every > 0 and step % args.ckpt_every == 0
         if step % args.log_every and step not in eval_steps | heldout_steps and not ckpt_due:
             continue                                           # one host sync per log line
@@ -708,7 +502,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
             kept = f"the last good checkpoint, step {saved}, is kept: {path}" if saved else \
                 "no checkpoint yet"
             raise DemoError(f"{run.label}: {what} at step {first_bad.item()}; stopping ({kept})")
-        rec["wall"], last_log = rec["wall"] + sync_time(device, tic), step
+        rec["wall"], last_log = rec["wall"] + synced_clock(device) - tic, step
         rec["log"].append(dict(step=step, loss=loss, denoise=denoise, align=align, grad_norm=norm,
                                wall=rec["wall"]))
         bar.update(step, f"loss {loss:.4f} (denoise {denoise:.4f}, align {align:.4f})",
@@ -717,10 +511,16 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
             tic = time.perf_counter()
             rec["heldout"].append(dict(step=step, wall=rec["wall"],
                                        **heldout_loss(ema, stage.heldout)))
-            rec["heldout_seconds"] += sync_time(device, tic)
-        if step in eval_steps:
+            rec["heldout_seconds"] += synced_clock(device) - tic
+        if step in eval_steps:                                 # a point of the FID curve
             bar.close()
-            evaluate(ema, stage, args, device, fid_meter, rec, step, run.label)
+            images = generate(ema, stage, args.fid_n, args.fid_sampling_steps, args, device,
+                              f"{run.label} @ {step}")
+            rec["evals"].append(dict(step=step, wall=rec["wall"],
+                                     fid=from_rank0(fid_meter, images)))
+            rec["grids"][step] = images[:100]
+            say(f"  {run.label} step {step}: {args.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
+                f"(train time {fmt_time(rec['wall'])}, {step / rec['wall']:.1f} it/s)")
         minutes = (time.perf_counter() - last_save) / 60
         if rank == 0 and (ckpt_due or 0 < args.ckpt_minutes < minutes):
             save_checkpoint(path, model, ema, projector, opt, step, args, run, rec)
@@ -736,27 +536,19 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         save_checkpoint(path, model, ema, projector, opt, args.steps, args, run, rec)
     return rec
 
-
-# =============================================================================================
-# Measure: the held-out loss and FID
-# =============================================================================================
-
+# =============================== Measure: the held-out loss and FID ===============================
 
 @torch.no_grad()
 def heldout_set(args, stage, device):
-    """--heldout-n test images encoded by the stage-1 VAE (posterior means, normalised like the
-    training latents), image i at t = (j + 0.5) / HELDOUT_T with j = i mod HELDOUT_T, and one
-    fixed noise draw: every run, seed and checkpoint is judged on the same (z, y, t, eps)."""
-    images, labels = load_test_images(args)
-    z = torch.cat([stage.vae.encode(to_float(torch.from_numpy(b).to(device)))[0].float()
-                   for b in np.array_split(images, max(1, len(images) // 500))])   # (n, C, 16, 16)
-    z = (z - stage.shift) * stage.scale
+    """--heldout-n test images as posterior-mean latents (normalised like the training ones),
+    image i at t = (j + 0.5) / HELDOUT_T with j = i mod HELDOUT_T, and one fixed noise draw:
+    every run, seed and checkpoint is judged on the same (z, y, t, eps)."""
+    images, labels, _ = load_data(args, "test")
+    z = (encode(stage.vae, images, device, "held-out set")[0] - stage.shift) * stage.scale
     grid = (torch.arange(HELDOUT_T, dtype=torch.float64) + 0.5) / HELDOUT_T
-    t = grid[torch.arange(len(z)) % HELDOUT_T].float()
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(HELDOUT_SEED))
-    return SimpleNamespace(z=z, y=torch.as_tensor(labels).to(device), t=t.to(device),
-                           eps=eps.to(device))
-
+    return SimpleNamespace(z=z.to(device), y=torch.as_tensor(labels).to(device), eps=eps.to(device),
+                           t=grid[torch.arange(len(z)) % HELDOUT_T].float().to(device))
 
 @torch.no_grad()
 def heldout_loss(model, held, batch=100):
@@ -773,61 +565,23 @@ def heldout_loss(model, held, batch=100):
              for name, (lo, hi) in HELDOUT_BANDS.items()}
     return dict(loss=per_image.mean().item(), **bands)
 
-
-def fid_small(features, mu_ref, sigma_ref):
-    """Exact FID of few (n) generated images without a D x D covariance: S_gen = B^T B with
-    B = (F - mu) / sqrt(n - 1) and S_ref = C C^T (fid.psd_factor), so tr((S_ref S_gen)^1/2) is the
-    sum of the singular values of B C (n, R), with no square roots of rounding noise."""
-    features = np.asarray(features, np.float64)
-    n, mu = len(features), features.mean(0)
-    B = (features - mu) / math.sqrt(n - 1)                             # (n, D)
-    tr_covmean = np.linalg.svd(B @ fid.psd_factor(sigma_ref, "sigma_ref"), compute_uv=False).sum()
-    diff = mu - mu_ref
-    return float(diff @ diff + np.trace(sigma_ref) + (B * B).sum() - 2 * tr_covmean)
-
-
-def load_inception(args, device):
-    try:                                                   # fid.py names a file that is no weights
-        return fid.load_inception(args.inception, device)
-    except ValueError as error:
-        raise DemoError(f"--inception {error}") from None
-
-
-def reference_path(args, data_id, n_ref):
-    weights = Path(args.inception) if args.inception else None
-    key = digest(data_id, n_ref, "tf", weights.name if weights else "default",
-                 weights.stat().st_size if weights else 0)
-    return Path(args.cache) / f"fid-ref-{key}.npz"
-
-
 class FIDMeter:
     """FID of uint8 images against the (cached) Inception statistics of the training images."""
 
     def __init__(self, args, images, data_id, device):
-        self.device, self.n_ref = device, min(args.fid_ref_n, len(images))
+        self.device, n_ref = device, min(args.fid_ref_n, len(images))
         self.model = load_inception(args, device)
-        path = reference_path(args, data_id, self.n_ref)
-        cached = read_cache(path, lambda: fid.load_statistics(path))
-        if cached is not None:
-            self.mu, self.sigma = cached
-        else:
-            say(f"FID reference: Inception statistics of {self.n_ref} training images (cached)")
-            self.mu, self.sigma = self.statistics(images[:self.n_ref])
-            atomic_write(path, lambda tmp: fid.save_statistics(tmp, self.mu, self.sigma, "tf"))
+        path = reference_path(args, data_id, n_ref)
+        stats = read_cache(path, lambda: fid.load_statistics(path))
+        if stats is None:
+            say(f"FID reference: Inception statistics of {n_ref} training images (cached)")
+            stats = self.statistics(images[:n_ref])
+            atomic_write(path, lambda tmp: fid.save_statistics(tmp, *stats, "tf"))
+        self.mu, self.sigma = stats
 
-    def statistics(self, images):
-        """(mu, sigma) from fid.compute_statistics on a stream of batches small enough that the
-        progress line moves every few seconds on a CPU."""
-        batch = 500 if self.device.type == "cuda" else 50
-        bar = Progress("  Inception", len(images), "img")
-
-        def batches():
-            for i in range(0, len(images), batch):
-                yield images[i:i + batch]
-                bar.update(min(i + batch, len(images)))
-        mu_sigma = fid.compute_statistics(batches(), self.model, batch_size=200, device=self.device)
-        bar.close()
-        return mu_sigma
+    def statistics(self, images):          # small batches on a CPU: the progress line moves
+        return fid.compute_statistics(images, self.model, 200 if self.device.type == "cuda" else 50,
+                                      self.device, progress=True)
 
     @torch.no_grad()
     def features(self, images):
@@ -838,10 +592,19 @@ class FIDMeter:
 
     def __call__(self, images):
         if len(images) > SMALL_FID:
-            mu_sigma = self.statistics(torch.as_tensor(images))
-            return fid.frechet_distance(self.mu, self.sigma, *mu_sigma)
+            return fid.frechet_distance(self.mu, self.sigma, *self.statistics(images))
         return fid_small(self.features(images), self.mu, self.sigma)
 
+def fid_small(features, mu_ref, sigma_ref):
+    """Exact FID of few (n) generated images without a D x D covariance: S_gen = B^T B with
+    B = (F - mu) / sqrt(n - 1) and S_ref = C C^T (fid.psd_factor), so tr((S_ref S_gen)^1/2) is the
+    sum of the singular values of B C (n, R), with no square roots of rounding noise."""
+    features = np.asarray(features, np.float64)
+    mu = features.mean(0)
+    B = (features - mu) / math.sqrt(len(features) - 1)                # (n, D)
+    tr_covmean = np.linalg.svd(B @ fid.psd_factor(sigma_ref, "sigma_ref"), compute_uv=False).sum()
+    diff = mu - mu_ref
+    return float(diff @ diff + np.trace(sigma_ref) + (B * B).sum() - 2 * tr_covmean)
 
 @torch.no_grad()
 def generate(model, stage, n, num_steps, args, device, label):
@@ -867,17 +630,6 @@ def generate(model, stage, n, num_steps, args, device, label):
         done = sorted((part for parts in gathered for part in parts), key=lambda part: part[0])
     return torch.cat([images for _, images in done])
 
-
-def evaluate(ema, stage, args, device, fid_meter, rec, step, label):
-    """A point of the FID curve: args.fid_n samples of the EMA model, their FID and grid."""
-    images = generate(ema, stage, args.fid_n, args.fid_sampling_steps, args, device,
-                      f"{label} @ {step}")
-    rec["evals"].append(dict(step=step, wall=rec["wall"], fid=from_rank0(fid_meter, images)))
-    rec["grids"][step] = images[:100]
-    say(f"  {label} step {step}: {args.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
-        f"(train time {fmt_time(rec['wall'])}, {step / rec['wall']:.1f} it/s)")
-
-
 def reach(xs, fids, target):
     """(x from which the curve, linear between checkpoints, stays at FID <= target to its end,
     exact): the last crossing counts, since a noisy curve can dip below and come back up. x is
@@ -887,15 +639,207 @@ def reach(xs, fids, target):
     above = [i for i, f in enumerate(fids) if f > target]
     if not above:
         return xs[0], False
-    i = above[-1]                                                      # last checkpoint above
-    (xa, fa), (xb, fb) = (xs[i], fids[i]), (xs[i + 1], fids[i + 1])
+    (xa, fa), (xb, fb) = (xs[above[-1]], fids[above[-1]]), (xs[above[-1] + 1], fids[above[-1] + 1])
     return xa + (xb - xa) * (fa - target) / (fa - fb), True
 
+# ====================================== Tables and pictures =======================================
 
-# =============================================================================================
-# Tables and pictures
-# =============================================================================================
+def report(args, runs, records, floor, out, card, data, quick, seconds):
+    """Per seed (and the seeds' mean) a table of the runs as they end, then the clipping, the time
+    per step and the speed-up: printed and in table.txt; every number in results.json; pictures."""
+    names, seeds = list(dict.fromkeys(run.name for _, _, run in runs)), list(args.seeds)
+    if len(seeds) > 1:
+        records = {**records, **{(name, "mean"): mean_record([records[name, k] for k in seeds])
+                                 for name in names}}
+        seeds.append("mean")
+    lines, speedups = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}",
+                       *([quick] if quick else []), f"data: {data}", describe(args),
+                       f"SRA 2: {make_run(args, 'sra2', '', True).settings}",
+                       f"FID: EMA weights, no CFG, against {args.fid_ref_n} training images, "
+                       "tf convention"], {}
+    for seed in seeds[-1:] if args.ablate else seeds:
+        lines += ["", *seed_table(args, runs, records, seed)]
+        if names == ["baseline", "sra2"]:
+            lines += pair_lines(args, records["baseline", seed], records["sra2", seed], speedups)
+    lines += ["", floor_line(args, floor)] if any(v is not None for v in floor.values()) else []
+    say("", *lines, "", f"total wall time {fmt_time(seconds)}")
+    (out / "table.txt").write_text("\n".join(lines) + "\n")
+    if not args.ablate:
+        pictures(args, records, names, out, quick)
+    results = dict(settings=vars(args), card=card, machine=machine(), data=data, floor=floor,
+                   total_seconds=seconds, step_fraction_to_baseline_fid=speedups, runs=[
+                       {k: v for k, v in r.items() if k not in ("grids", "final_grid")}
+                       for (_, seed), r in records.items() if seed != "mean"])
+    atomic_write(out / "results.json",
+                 lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=str)))
 
+def seed_table(args, runs, records, seed):
+    """Table 2 (Table 1 with --ablate) of one seed: each run as it ends; SRA 2's held-out gap to
+    the baseline in brackets, paired (the same test images, t and noise)."""
+    recs = [records[run.name, seed] for _, _, run in runs]
+    base = next((r for r in recs if not r["projector_params"]), None)
+    last = lambda r, key, field, spec=".2f": fmt(r[key][-1][field] if r[key] else None, spec)
+    gap = lambda r, k: "" if base in (None, r) else \
+        f" ({100 * (r['heldout'][-1][k] / base['heldout'][-1][k] - 1):+.2f}%)"
+    row = lambda r: [fmt_time(r["wall"]), last(r, "evals", "fid"), fmt(r["final_fid"]),
+                     last(r, "log", "denoise", ".4f"),
+                     last(r, "log", "align", ".4f") if r["projector_params"] else "-",
+                     *(last(r, "heldout", k, ".4f") + gap(r, k) for k in ("loss", *HELDOUT_BANDS)
+                       if args.heldout_evals)]
+    heads = ["train time", args.ckpt_fid, args.final_fid, "denoise", "align"] + [
+        "held-out loss", *(f"{band} t" for band in HELDOUT_BANDS)] * bool(args.heldout_evals)
+    title = (f"{'Table 1' if args.ablate else 'Table 2'} in miniature, seed {seed}: {args.model}, "
+             f"{args.steps} steps, no CFG (P is dropped at inference: both sample with the same "
+             "SiT)") + (f"; held-out loss: the denoising term on {args.heldout_n} test images at a "
+                        "fixed t grid and noise, EMA weights, in brackets SRA 2 - baseline"
+                        if args.heldout_evals else "")
+    if args.ablate:
+        return [title, *table(["design", "setting", *heads], [
+            [group, setting, *row(records[run.name, seed])] for group, setting, run in runs])]
+    return [title, *table(["model", "params", *heads],
+                          [[r["label"], f"{r['params'] / 1e6:.1f}M", *row(r)] for r in recs])]
+
+def pair_lines(args, base, sra, speedups):
+    """The clipping, the time per step, and the speed-up: the fraction of the steps SRA 2 needs
+    for the baseline's final FID (where its FID curve last crosses it)."""
+    lines = [] if base["seed"] == "mean" else [
+        f"time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% against the baseline "
+        f"(the first step is not timed); gradient norm above the clip {args.grad_clip:g} "
+        f"({args.clip} clipping): baseline {base['clipped']}, SRA 2 {sra['clipped']} of "
+        f"{args.steps} steps"]
+    if not args.evals:
+        return lines
+    steps, fids, target = [e["step"] for e in base["evals"]], [e["fid"] for e in sra["evals"]], \
+        base["evals"][-1]["fid"]
+    (x, exact), wall = reach(steps, fids, target), reach([e["wall"] for e in sra["evals"]], fids,
+                                                         target)[0]
+    speedups[str(base["seed"])] = x and x / steps[-1]
+    return lines + [f"speed-up ({args.ckpt_fid} curve): the baseline ends at FID {target:.2f} "
+                    f"after {steps[-1]} steps; SRA 2 " + (
+                        f"does NOT end at or below it (final {fids[-1]:.2f}, best {min(fids):.2f}):"
+                        " no speed-up at this scale and length" if x is None else
+                        f"reaches it at step {x:.0f}, {x / steps[-1]:.2f} of the steps "
+                        f"({'' if exact else 'at most: already at its first checkpoint; '}wall-"
+                        f"clock {fmt_time(wall)} against {fmt_time(base['wall'])})")]
+
+def mean_record(recs):
+    """The seeds' average run: every number of its curves, checkpoint by checkpoint."""
+    average = lambda curves: [{k: es[0][k] if k == "step" else mean(e[k] for e in es)
+                               for k in es[0]} for es in zip(*curves)]
+    return dict(recs[0], seed="mean", label=recs[0]["label"] + " (mean)",
+                wall=mean(r["wall"] for r in recs), final_fid=mean(r["final_fid"] for r in recs),
+                **{key: average([r[key] for r in recs]) for key in ("log", "heldout", "evals")})
+
+def floor_line(args, floor):
+    """No sampler behind these FIDs: they are named by their image counts alone."""
+    return "VAE reconstruction floor: " + ", ".join(
+        f"{fid_name(n)} {floor[key]:.2f}" for key, n in (("ckpt", args.fid_n),
+                                                         ("final", args.final_fid_n))
+        if floor[key] is not None)
+
+def pictures(args, records, names, out, quick):
+    """Every run's curves as line charts; the matched sample grids of the first seed."""
+    runs = [records[name, seed] for seed in args.seeds for name in names]
+    curve = lambda r, key, x, y, what="": (
+        r["label"] + (f" (seed {r['seed']})" if len(args.seeds) > 1 else "") + what,
+        [e[x] for e in r[key]], [e[y] for e in r[key]])
+    fid_title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on 16x16x{args.latent_channels}"
+    charts = [("loss_curves", [curve(r, "log", "step", term, f": {term}") for r in runs
+                               for term in ("denoise", "align")[:1 + bool(r["projector_params"])]],
+               f"training losses (mean over {args.log_every} steps)", "training steps", "loss")]
+    charts += [("fid_vs_steps", [curve(r, "evals", "step", "fid") for r in runs], fid_title,
+                "training steps", "FID"),
+               ("fid_vs_time", [curve(r, "evals", "wall", "fid") for r in runs], fid_title,
+                "training wall-clock (s, evaluations excluded)", "FID")] * bool(args.evals)
+    charts += [("heldout_loss", [curve(r, "heldout", "step", "loss") for r in runs],
+                f"held-out denoising loss, {args.heldout_n} test images (EMA)", "training steps",
+                "loss")] * bool(args.heldout_evals)
+    for name, series, title, xlabel, ylabel in charts:
+        line_chart(out / f"{name}.png", series, title, xlabel, f"{ylabel} (log scale)", True, quick)
+    if names != ["baseline", "sra2"]:
+        return
+    base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]
+    grids = [(f"step{b['step']:06d}", args.ckpt_fid, b["fid"], a["fid"], base["grids"][b["step"]],
+              sra["grids"][a["step"]], f"step {b['step']}: same noise, same labels (image i has "
+              "class i % 10)") for b, a in zip(base["evals"], sra["evals"])]
+    if args.final_fid_n:
+        grids.append(("final", args.final_fid, base["final_fid"], sra["final_fid"],
+                      base["final_grid"], sra["final_grid"],
+                      f"step {args.steps}, {args.final_sampling_steps}-step SDE"))
+    for name, what, fid_base, fid_sra, grid_base, grid_sra, title in grids:
+        panels(out / f"samples_{name}.png", [(f"baseline, {what} {fid_base:.1f}", grid_base),
+                                             (f"SRA 2, {what} {fid_sra:.1f}", grid_sra)],
+               title, quick)
+
+def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
+    """series: (label, xs, ys[, color index[, thin]]). Thin lines (one seed beside a mean) are a
+    lighter shade without markers; a None label has no legend entry. Markers up to 30 points."""
+    keep = lambda y: math.isfinite(y) and (y > 0 or not logy)
+    series = [(label, [float(x) for x, y in zip(xs, ys) if keep(y)],
+               [float(y) for y in ys if keep(y)], *style) for label, xs, ys, *style in series]
+    (W, H), left, right, top, bottom = size, 80, 200, 68, 60
+    image = Image.new("RGB", size, "white")
+    draw, font = title_and_note(image, left, title, note), ImageFont.load_default(12)
+    xs = [x for s in series for x in s[1]] or [0.0, 1.0]
+    ys = [y for s in series for y in s[2]] or [1.0, 2.0]
+    xticks, yticks = axis_ticks(min(0.0, min(xs)), max(xs)), axis_ticks(min(ys), max(ys), logy)
+    fy = math.log10 if logy else float
+    px = lambda x: left + (x - xticks[0]) / (xticks[-1] - xticks[0]) * (W - left - right)
+    py = lambda y: H - bottom - (fy(y) - fy(yticks[0])) / (fy(yticks[-1]) - fy(yticks[0])) * (
+        H - top - bottom)
+    for v in yticks:
+        draw.line([left, py(v), W - right, py(v)], fill=(225, 225, 225))
+        draw.text((left - 8, py(v)), f"{v:g}", fill="black", font=font, anchor="rm")
+    for v in xticks:
+        draw.line([px(v), top, px(v), H - bottom], fill=(235, 235, 235))
+        draw.text((px(v), H - bottom + 6), f"{v:g}", fill="black", font=font, anchor="ma")
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    draw.text(((left + W - right) / 2, H - 22), xlabel, "black", ImageFont.load_default(16), "mm")
+    draw.text((12, top - 22), ylabel, fill="black", font=font)
+    legend = iter(range(len(series)))
+    for i, (label, sx, sy, *style) in enumerate(series):
+        index, thin = (style + [i, False][len(style):])[:2]
+        color = COLORS[index % len(COLORS)]
+        color = tuple(round(c + (255 - c) * 0.55) for c in color) if thin else color
+        points = [(px(x), py(y)) for x, y in zip(sx, sy)]
+        thick_line(image, points, color, 1.5 if thin else 2.5)
+        for x, y in points if len(points) <= 30 and not thin else []:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        if label is not None:
+            ly = top + 10 + 22 * next(legend)
+            thick_line(image, [(W - right + 12, ly), (W - right + 36, ly)], color, 3)
+            draw.text((W - right + 42, ly), label, fill="black", font=font, anchor="lm")
+    image.save(path)
+
+def panels(path, named_images, title, note=None, scale=2):
+    """Image grids side by side, each under its name, upscaled (nearest: pixels stay pixels)."""
+    grids = [image_grid(np.asarray(images), min(10, len(images))) for _, images in named_images]
+    grids = [g.resize((g.width * scale, g.height * scale), Image.NEAREST) for g in grids]
+    canvas = Image.new("RGB", (sum(g.width + 20 for g in grids) + 20,
+                               max(g.height for g in grids) + 96), "white")
+    draw, x = title_and_note(canvas, 20, title, note), 20
+    for (name, _), grid in zip(named_images, grids):
+        draw.text((x, 62), name, fill="black", font=ImageFont.load_default(14))
+        canvas.paste(grid, (x, 84))
+        x += grid.width + 20
+    canvas.save(path)
+
+def title_and_note(image, x, title, note):
+    """Every picture's title, and under it quick mode's banner in red."""
+    draw = ImageDraw.Draw(image)
+    draw.text((x, 12), title, fill="black", font=ImageFont.load_default(16))
+    draw.text((x, 36), note or "", fill=(200, 0, 0), font=ImageFont.load_default(12))
+    return draw
+
+def image_grid(images, ncol=10, pad=2):
+    """uint8 (N, h, w, 3) -> one PIL image, ncol per row."""
+    n, h, w, _ = images.shape
+    grid = np.full((-(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[top:top + h, left:left + w] = image
+    return Image.fromarray(grid)
 
 def table(headers, rows):
     """Plain-text table, columns padded to their widest cell."""
@@ -904,147 +848,14 @@ def table(headers, rows):
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
 
-
 def mean(values):
     values = list(values)
     return None if None in values else sum(values) / len(values)
 
-
 def fmt(value, spec=".2f"):
     return "-" if value is None else format(value, spec)
 
-
-def speedup_lines(base, sra, args):
-    """The headline: the fraction of steps and of wall time SRA 2 needs for the baseline's final
-    FID. Returns (lines, fraction of steps or None)."""
-    steps, sra_fid = [e["step"] for e in base["evals"]], [e["fid"] for e in sra["evals"]]
-    target = base["evals"][-1]["fid"]
-    head = (f"speed-up ({args.ckpt_fid} curve, seed {base['seed']}): the baseline ends at FID "
-            f"{target:.2f} after {steps[-1]} steps;")
-    x, exact = reach(steps, sra_fid, target)
-    if x is None:
-        return [head, f"  SRA 2 does NOT end at or below it (its final: {sra_fid[-1]:.2f}, best: "
-                      f"{min(sra_fid):.2f}): no speed-up at this scale and length"], None
-    wall, _ = reach([e["wall"] for e in sra["evals"]], sra_fid, target)
-    share = (f"at step {x:.0f}: {x / steps[-1]:.2f} of the steps ({steps[-1] / x:.2f}x fewer);"
-             if exact else f"already at its first checkpoint, step {x:.0f}: at most "
-             f"{x / steps[-1]:.2f} of the steps (a bound, not a measurement);")
-    return [head, f"  SRA 2 reaches it {share}", f"  in wall-clock {fmt_time(wall)} against the "
-            f"baseline's {fmt_time(base['wall'])} ({wall / base['wall']:.2f})"], x / steps[-1]
-
-
-def mean_record(recs):
-    """The seeds' average run: every number of log, held-out and FID curves, checkpoint by
-    checkpoint."""
-    average = lambda rows: [{k: es[0][k] if k == "step" else mean(e[k] for e in es) for k in es[0]}
-                            for es in zip(*rows)]
-    return dict(recs[0], seed="mean", label=recs[0]["label"] + " (mean)",
-                wall=mean(r["wall"] for r in recs),
-                final_fid=mean(r.get("final_fid") for r in recs),
-                **{key: average([r[key] for r in recs]) for key in ("log", "heldout", "evals")})
-
-
-def result_lines(args, runs, records, floor):
-    """Table 2 (or Table 1 with --ablate), the held-out loss, clipping and the speed-up."""
-    names = [run.name for _, _, run in runs]
-    seeds = args.seeds + (["mean"] if len(args.seeds) > 1 else [])
-    records = {**records, **{(name, "mean"): mean_record([records[name, x] for x in args.seeds])
-                             for name in names if len(args.seeds) > 1}}
-    last = lambda r, key, field: r[key][-1][field] if r[key] else None
-    row = lambda r: [fmt(last(r, "evals", "fid")), fmt(r["final_fid"]),
-                     fmt(last(r, "log", "denoise"), ".4f"),
-                     fmt(last(r, "log", "align"), ".4f") if r["projector_params"] else "-"]
-    heads = [args.ckpt_fid, args.final_fid, "denoise", "align"]
-    if args.ablate:
-        rows = [[group, setting, *row(records[run.name, seeds[-1]]),
-                 f"{args.steps / records[run.name, seeds[-1]]['wall']:.1f}"]
-                for group, setting, run in runs]
-        return [f"Table 1 in miniature ({args.model}, {args.steps} steps, mean over seeds "
-                f"{args.seeds})"] + table(["design", "setting", *heads, "it/s"], rows), {}
-    rows = [[records[name, seed]["label"], f"{records[name, seed]['params'] / 1e6:.1f}M", seed,
-             fmt_time(records[name, seed]["wall"]), *row(records[name, seed])]
-            for seed in seeds for name in names]
-    if floor["ckpt"] is not None or floor["final"] is not None:
-        rows.append(["VAE reconstruction floor", "", "", "", fmt(floor["ckpt"]),
-                     fmt(floor["final"]), "", ""])
-    lines = ["Table 2 in miniature (no CFG; P is dropped at inference, so both sample with the "
-             f"same SiT; {args.steps} steps)"] + table(["model", "params", "seed", "train time",
-                                                        *heads], rows)
-    speedups = {}
-    for seed in seeds:
-        recs = [records[name, seed] for name in names]
-        if args.heldout_evals:
-            both = len(recs) == 2
-            gap = lambda e: [f"{100 * (e[1] / e[0] - 1):+.2f}%"] if both else []
-            rows = [[es[0]["step"], *(f"{e['loss']:.4f}" for e in es),
-                     *gap([e["loss"] for e in es])] for es in zip(*(r["heldout"] for r in recs))]
-            rows += [[f"  t band {band}", *(f"{r['heldout'][-1][band]:.4f}" for r in recs),
-                      *gap([r["heldout"][-1][band] for r in recs])] for band in HELDOUT_BANDS]
-            lines += ["", f"held-out loss (denoising term on {args.heldout_n} test images, fixed t "
-                      f"grid and noise, EMA weights), seed {seed}"]
-            lines += table(["step", *(r["label"] for r in recs), *(["SRA 2 - baseline"] * both)],
-                           rows)
-        if names != ["baseline", "sra2"]:
-            continue
-        base, sra = recs
-        if seed != "mean":
-            lines += ["", f"time per step: SRA 2 {100 * (sra['wall'] / base['wall'] - 1):+.1f}% "
-                      f"against the baseline, seed {seed} (the first step is not timed)",
-                      f"gradient norm above the clip {args.grad_clip:g} ({args.clip} clipping): "
-                      f"baseline {base['clipped']}, SRA 2 {sra['clipped']} of {args.steps} steps"]
-        if args.evals:
-            lines += ["", f"{args.ckpt_fid} at the checkpoints, seed {seed}"] + table(
-                ["step", "baseline FID", "train time", "SRA 2 FID", "train time"],
-                [[b["step"], f"{b['fid']:.2f}", fmt_time(b["wall"]), f"{a['fid']:.2f}",
-                  fmt_time(a["wall"])] for b, a in zip(base["evals"], sra["evals"])])
-            text, speedups[str(seed)] = speedup_lines(base, sra, args)
-            lines += [""] + text
-    return lines, speedups
-
-
-def pictures(args, records, names, out, quick):
-    """The charts of every run, and the matched sample grids of the first seed."""
-    runs = [records[name, seed] for seed in args.seeds for name in names]
-    tag = lambda r: r["label"] + (f" (seed {r['seed']})" if len(args.seeds) > 1 else "")
-    curve = lambda r, key, x, y, what="": (tag(r) + what, [e[x] for e in r[key]],
-                                           [e[y] for e in r[key]])
-    fid_title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on 16x16x{args.latent_channels}"
-    terms = lambda r: ("denoise", "align") if r["projector_params"] else ("denoise",)
-    charts = [("loss_curves.png", [curve(r, "log", "step", term, f": {term}") for r in runs
-                                   for term in terms(r)],
-               f"training losses (mean over {args.log_every} steps)", "training steps", "loss")]
-    if args.evals:
-        charts += [(f"fid_vs_{x}.png", [curve(r, "evals", key, "fid") for r in runs],
-                    fid_title, label, "FID") for x, key, label in (
-            ("steps", "step", "training steps"),
-            ("time", "wall", "training wall-clock (s, evaluations excluded)"))]
-    if args.heldout_evals:
-        charts.append(("heldout_loss.png", [curve(r, "heldout", "step", "loss") for r in runs],
-                       f"held-out denoising loss, {args.heldout_n} test images (EMA)",
-                       "training steps", "loss"))
-    for name, series, title, xlabel, ylabel in charts:
-        line_chart(out / name, series, title, xlabel, f"{ylabel} (log scale)", logy=True,
-                   note=quick)
-    if names != ["baseline", "sra2"]:
-        return
-    base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]
-    tail = f"  [{quick}]" if quick else ""
-    for b, a in zip(base["evals"], sra["evals"]):
-        panels(out / f"samples_step{b['step']:06d}.png",
-               [(f"baseline, {args.ckpt_fid} {b['fid']:.1f}", base["grids"][b["step"]]),
-                (f"SRA 2, {args.ckpt_fid} {a['fid']:.1f}", sra["grids"][a["step"]])],
-               f"step {b['step']}: same noise, same labels (image i has class i % 10){tail}")
-    if args.final_fid_n:
-        panels(out / "samples_final.png",
-               [(f"baseline, {args.final_fid} {base['final_fid']:.1f}", base["final_grid"]),
-                (f"SRA 2, {args.final_fid} {sra['final_fid']:.1f}", sra["final_grid"])],
-               f"step {args.steps}, {args.final_sampling_steps}-step SDE{tail}")
-
-
-# =============================================================================================
-# Main: settings, data, stage 1, both runs per seed, tables, pictures, results.json
-# =============================================================================================
-
+# ============================================== Main ==============================================
 
 def main(argv=None):
     args = parse_args(argv)
@@ -1052,7 +863,7 @@ def main(argv=None):
     try:
         check(args)
         device, out, card = setup(args)
-        records = demo(args, device, out, card)
+        records = experiment(args, device, out, card)
         if dist.is_initialized():
             dist.barrier()                                     # no rank leaves while another talks
         return records
@@ -1067,43 +878,38 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def demo(args, device, out, card):
-    t_start, rank = time.perf_counter(), rank_and_world()[0]
+def experiment(args, device, out, card):
+    """Data, stage 1, the runs of every seed, tables and pictures; returns the records."""
+    tic, rank = time.perf_counter(), rank_and_world()[0]
     quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if args.quick else None
-    images, labels, data_desc, data_id = rank0_first(load_data, args)      # rank 0 downloads
-    args.data_id = data_id                                    # a resumed run must see the same data
+    images, labels, data = rank0_first(load_data, args)               # rank 0 downloads
+    args.data_id = digest(images.tobytes(), labels.tobytes())  # a resume must see the same data
     args.fid_ref_n = min(args.fid_ref_n, len(labels))         # what the reference really holds
     if args.batch_size > len(labels):
         raise DemoError(f"--batch-size {args.batch_size} is more than the {len(labels)} training "
                         "images")
-    runs = ablation_runs(args, model_config(args)[2].depth) if args.ablate else [
+    runs = ablation_runs(args) if args.ablate else [
         ("", "", make_run(args, name, label, name == "sra2")) for name, label in
         (("baseline", args.model), ("sra2", f"{args.model} + SRA 2")) if name in args.runs]
     check_checkpoints(args, runs, out)                        # before any work or any write
-    say(f"tiny_demo on {card}: {data_desc}" + (f"\n{quick}" if quick else ""), describe(args))
+    say(f"tiny_demo on {card}: {data}", *([quick] if quick else []), describe(args))
     uses_fid = args.evals > 0 or args.final_fid_n > 0
     if device.type == "cpu" and not args.quick and rank == 0:
-        say(estimate(args, device, runs, data_id, uses_fid))
-    fid_meter = FIDMeter(args, images, data_id, device) if rank == 0 and uses_fid else None
-    stage = rank0_first(stage1, images, data_id, args, device)         # rank 0 trains it
+        say(estimate(args, device, runs, args.data_id, uses_fid))
+    fid_meter = FIDMeter(args, images, args.data_id, device) if rank == 0 and uses_fid else None
+    stage = rank0_first(stage1, images, args.data_id, args, device)    # rank 0 trains it
     stage.heldout = heldout_set(args, stage, device) if args.heldout_evals else None
     # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind the decoder.
-    n_floor = max(args.fid_n if args.evals else 2, args.final_fid_n, min(50, len(images)))
-    recon = torch.cat([decode(stage, z.to(device))
-                       for z in stage.latents[0, :n_floor].split(args.sample_batch)])
-    floor = {key: from_rank0(fid_meter, recon[:n]) if n else None
-             for key, n in (("ckpt", args.fid_n if args.evals else 0), ("final", args.final_fid_n))}
+    n_floor = {"ckpt": args.fid_n if args.evals else 0, "final": args.final_fid_n}
+    recon = torch.cat([decode(stage, z.to(device)) for z in
+                       stage.latents[0, :max(50, *n_floor.values())].split(args.sample_batch)])
+    floor = {key: from_rank0(fid_meter, recon[:n]) if n else None for key, n in n_floor.items()}
     if rank == 0:
         panels(out / "vae_reconstructions.png", [("real", images[:50]),
                                                  ("VAE reconstruction", recon[:50])],
-               f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3"
-               + (f"  [{quick}]" if quick else ""))
-    if uses_fid:                                              # no sampler: named by image count
-        say("VAE reconstruction floor: " + ", ".join(
-            f"{fid_name(n)} {floor[key]:.2f}" for key, n in (("ckpt", args.fid_n),
-                                                             ("final", args.final_fid_n))
-            if floor[key] is not None))
+               f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3", quick)
+    if uses_fid:
+        say(floor_line(args, floor))
     records = {}                                              # (run name, seed) -> record
     for args.seed in args.seeds:
         for _, _, run in runs:
@@ -1112,139 +918,178 @@ def demo(args, device, out, card):
                                                          fid_meter, out)
     args.seed = args.seeds[0]
     if rank == 0:
-        report(args, runs, records, floor, stage, out, card, data_desc, quick,
-               time.perf_counter() - t_start)
+        report(args, runs, records, floor, out, card, data, quick, time.perf_counter() - tic)
     return records
 
+# ======= Infrastructure: flag checks, setup, estimate, download, checkpoints, DDP, drawing ========
 
-def report(args, runs, records, floor, stage, out, card, data_desc, quick, total_seconds):
-    """Print and save the tables (table.txt), every number (results.json) and the pictures."""
-    names = [run.name for _, _, run in runs]
-    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}"] + (
-        [quick] if quick else []) + [
-        f"data: {data_desc}", describe(args),
-        f"SRA 2: {make_run(args, 'sra2', '', True).settings}",
-        f"stage 1: VAE width {args.vae_width}, {args.latent_channels} latent channels, KL "
-        f"{args.vae_kl:g}, {args.vae_steps} steps of batch {args.vae_batch}, lr {args.vae_lr:g}",
-        f"FID: EMA weights, no CFG, against {args.fid_ref_n} training images, tf convention", ""]
-    runs_json = [{k: v for k, v in r.items() if k not in ("grids", "final_grid")}
-                 for r in records.values()]
-    text, speedups = result_lines(args, runs, records, floor)
-    lines += text + ["", f"total wall time {fmt_time(total_seconds)} (stage 1 took "
-                     f"{fmt_time(stage.seconds)} when it was not cached)"]
-    if not args.ablate:
-        pictures(args, records, names, out, quick)
-    say("", *lines)
-    (out / "table.txt").write_text("\n".join(lines) + "\n")
-    results = dict(settings=vars(args), card=card, machine=machine(), data=data_desc, floor=floor,
-                   total_seconds=total_seconds, step_fraction_to_baseline_fid=speedups,
-                   runs=runs_json)
-    atomic_write(out / "results.json",
-                lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=str)))
+class DemoError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
+# What each flag must be, checked in this order: (flags, ok(value, args), need). A bad value gets
+# one line, "--flag must be <need>, got <value>", or `need` itself where it names the flag. A
+# value of None (left open by the preset) passes.
+FLAG_RULES = [
+    ("lr grad_clip ema_decay target_scale lam t_range ckpt_minutes vae_lr vae_kl",
+     lambda v, a: np.isfinite(v).all(), "a finite number"),
+    ("seed", lambda v, a: all(k.isdigit() for k in v.split(",")),
+     "{flag} {v!r}: need an integer or comma-separated integers"),
+    ("seed", lambda v, a: len(set(map(int, v.split(",")))) == v.count(",") + 1
+     and max(map(int, v.split(","))) < 2**31, "{flag} {v!r}: need distinct seeds in 0..2147483647"),
+    ("steps batch_size threads n_images vae_steps vae_batch vae_width sample_batch mlp_depth "
+     "mlp_width log_every latent_channels fid_sampling_steps final_sampling_steps",
+     lambda v, a: v >= 1, ">= 1"),
+    ("evals heldout_evals ckpt_every ckpt_minutes vae_kl lam", lambda v, a: v >= 0, ">= 0"),
+    ("lr grad_clip target_scale vae_lr", lambda v, a: v > 0, "> 0"),
+    ("fid_n fid_ref_n", lambda v, a: v >= 2, ">= 2 (FID needs a covariance)"),
+    ("final_fid_n", lambda v, a: v == 0 or v >= 2, ">= 2 (FID needs a covariance), or 0 for none"),
+    ("heldout_n", lambda v, a: v >= HELDOUT_T or not a.heldout_evals,
+     f">= {HELDOUT_T} (one image per point of the t grid)"),
+    ("ema_decay", lambda v, a: 0 <= v < 1, "in [0, 1)"),
+    ("t_range", lambda v, a: 0 <= v[0] < v[1] <= 1,
+     "LO HI with 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"),
+    ("runs", lambda v, a: v in ("baseline", "sra2", "baseline,sra2", "sra2,baseline"),
+     "{flag} {v!r}: need baseline, sra2 or baseline,sra2"),
+    ("batch_size", lambda v, a: v % torchrun_world() == 0, "{flag} {v} does not split evenly over "
+     "{world} processes (the global batch is shared out across torchrun's ranks)"),
+    ("vae_width", lambda v, a: v % 8 == 0, "a multiple of 8 (GroupNorm groups)"),
+    ("steps", lambda v, a: max(a.evals, a.heldout_evals) <= v,
+     "--evals {a.evals} / --heldout-evals {a.heldout_evals}: more than --steps {v}"),
+    ("align_depth", lambda v, a: 1 <= v <= model_config(a).depth,
+     "{flag} {v} is beyond {a.model}'s {depth} blocks (choose 1..{depth})")]
+
+def check(args):
+    """Every impossible setting as one line (FLAG_RULES), before any work; then the derived ones."""
+    config = model_config(args)
+    args.align_depth = config.align_depth if args.align_depth is None else args.align_depth
+    for names, ok, need in FLAG_RULES:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and not ok(value, args):
+                shown = value if isinstance(value, str) else " ".join(
+                    f"{x:g}" for x in np.atleast_1d(value))
+                line = need if "{flag}" in need or "--" in need else "{flag} must be " + need + \
+                    ", got {v}"
+                raise DemoError(line.format(flag="--" + name.replace("_", "-"), v=shown, a=args,
+                                            world=torchrun_world(), depth=config.depth))
+    args.seeds = [int(seed) for seed in args.seed.split(",")]
+    args.seed, args.runs = args.seeds[0], args.runs.split(",")
+    args.ckpt_fid = f"{fid_name(args.fid_n)} {args.fid_sampling_steps}-step"
+    args.final_fid = f"{fid_name(args.final_fid_n)} {args.final_sampling_steps}-step"
+
+def fid_name(n):
+    """FID-2k, FID-250: FIDs compare only at equal image counts (and samplers)."""
+    return f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"
 
 def setup(args):
-    """Device (sra2.pick_device), torchrun's process group, threads, output folder and log."""
+    """The device, torchrun's process group, threads, the output folder and its log; the card."""
     global LOG_FILE
     try:
         device = sra2.pick_device(args.device)
     except (ValueError, RuntimeError) as error:
         raise DemoError(f"--device {args.device}: {error}") from None
     if torchrun_world() > 1 and not dist.is_initialized():
+        if device.type not in ("cuda", "cpu"):
+            raise DemoError(f"torchrun on {device.type}: use CUDA (NCCL) or --device cpu (gloo)")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a GPU each
             torch.cuda.set_device(device)
-        elif device.type != "cpu":
-            raise DemoError(f"torchrun on {device.type}: use CUDA (NCCL) or --device cpu (gloo)")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.threads is not None and device.type == "cpu":
+    if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)      # OpenMP threads spin-wait: few for small ops
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")             # TF32 outside autocast
         torch.backends.cudnn.benchmark = True
     rank, world = rank_and_world()
-    out = Path(args.out)
     try:
-        if rank == 0:                                          # the other ranks write nothing
-            out.mkdir(parents=True, exist_ok=True)
         Path(args.cache).mkdir(parents=True, exist_ok=True)
+        if rank == 0:                                          # the other ranks write nothing
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            LOG_FILE = Path(args.out) / "log.txt"              # a run's log starts with its command
+            with open(LOG_FILE, "a") as f:
+                f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py "
+                        f"{' '.join(args.argv)}\n")
     except OSError as error:
         raise DemoError(f"cannot create --out/--cache folder ({error})") from None
-    if rank == 0:                                         # each run's log starts with its command
-        LOG_FILE = out / "log.txt"
-        with open(LOG_FILE, "a") as f:
-            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py "
-                    f"{' '.join(args.argv)}\n")
     card = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    return device, out, card + (f" x {world} processes (DDP)" if world > 1 else "")
-
+    return device, Path(args.out), card + (f" x {world} processes (DDP)" if world > 1 else "")
 
 def estimate(args, device, runs, data_id, uses_fid):
-    """The run's time on this CPU, from timed steps of each part scaled by the settings."""
-    def seconds(fn, n):                        # per image: the best of 2 calls after a warm-up
-        times = []
-        for _ in range(3):
-            tic = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - tic)
-        return min(times[1:]) / n
+    """The run's time on this CPU, from timed calls of each part scaled by the settings."""
+    def per_image(fn, n):                                      # the faster of 2, after 2 warm-ups
+        clock = [(fn(), time.perf_counter())[1] for _ in range(4)]
+        return min(np.diff(clock[1:])) / n
     b, n_runs = min(args.batch_size, 64), len({run.name for _, _, run in runs}) * len(args.seeds)
     model, projector = build(args, make_run(args, "sra2", "", True), device)
     z, y = torch.randn(b, args.latent_channels, 16, 16), torch.zeros(b, dtype=torch.long)
-    sit = seconds(lambda: sra2.training_loss(model, z, y, projector, align_depth=args.align_depth)
-                  ["loss"].backward(), b)                      # forward + backward, one image
+    sit = per_image(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b)
     vae = VAE(args.vae_width, args.latent_channels)
-    vae_step = seconds(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
-                       .backward(), b) * args.vae_batch
+    vae_step = per_image(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
+                         .backward(), b) * args.vae_batch
     net = load_inception(args, device) if uses_fid else None     # fails here without weights
-    inception = seconds(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))),
-                        4) if uses_fid else 0
-    sampled = args.evals * args.fid_n * args.fid_sampling_steps + args.final_fid_n * \
-        args.final_sampling_steps + args.heldout_evals * args.heldout_n
+    inception = per_image(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))),
+                          4) if uses_fid else 0
+    sampled = args.evals * args.fid_n * args.fid_sampling_steps + args.heldout_evals * \
+        args.heldout_n + args.final_fid_n * args.final_sampling_steps  # a forward: 1/3 of a step
     per_run = (args.steps * args.batch_size + sampled / 3) * sit + inception * (
         args.evals * args.fid_n + args.final_fid_n)
-    parts = {"stage 1": 0 if stage1_path(args, data_id)[0].is_file() else args.vae_steps * vae_step,
+    parts = {"stage 1": 0 if stage1_path(args, data_id).is_file() else args.vae_steps * vae_step,
              "FID reference": 0 if not uses_fid or reference_path(args, data_id, args.fid_ref_n)
-             .is_file() else args.fid_ref_n * inception,
-             f"{n_runs} runs": n_runs * per_run}
+             .is_file() else args.fid_ref_n * inception, f"{n_runs} runs": n_runs * per_run}
     total = sum(parts.values())
     return (("note: a long run on a CPU: " if total > 1800 else "") + f"about {fmt_time(total)} "
             "here (" + ", ".join(f"{k} {fmt_time(v)}" for k, v in parts.items() if v) +
             "; from timed steps of each part)" + ("; --preset cpu is made for two cores"
-                                     if args.preset == "full" else ""))
+                                                  if args.preset == "full" else ""))
 
+def download_cifar(cache):
+    """The official archive in `cache`, downloaded once; only a file with the right MD5 is kept."""
+    archive = Path(cache) / "cifar-10-python.tar.gz"
+    md5 = lambda path: hashlib.md5(Path(path).read_bytes()).hexdigest()
+    if archive.is_file() and md5(archive) != CIFAR_MD5:
+        raise DemoError(f"{archive}: MD5 mismatch (corrupt file); delete it to download again")
+    if archive.is_file():
+        return archive
 
-# =============================================================================================
-# Infrastructure: checkpoints and resume, DDP helpers, chart drawing, small utilities
-# =============================================================================================
+    def fetch(tmp):
+        try:
+            with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, open(tmp, "wb") as f:
+                bar = Progress("download CIFAR-10", 163, "MiB")
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(f.tell() >> 20)
+                bar.close()
+        except OSError as error:
+            raise DemoError(f"could not download {CIFAR_URL} ({error}); pass --data PATH to a "
+                            "local copy (a cifar-10-batches-py folder or the .tar.gz)") from None
+        if md5(tmp) != CIFAR_MD5:
+            raise DemoError(f"downloaded {CIFAR_URL} but its MD5 is wrong (corrupt transfer); "
+                            "run again")
+    say(f"downloading CIFAR-10 (163 MiB) to {archive}")
+    return atomic_write(archive, fetch)
 
 CKPT_FORMAT = "tiny_demo/2"                # /1: before the held-out loss and the study knobs
-CKPT_KEYS = {"format", "step", "settings", "run", "model", "ema", "projector", "optimizer", "rng",
-             "record"}
 # Settings a resumed run may change: where files are, how fast it runs, how often it saves. Any
 # other difference would make it a different run.
 RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume",
                "ckpt_minutes", "ckpt_every", "runs", "preset", "argv", "seed", "seeds", "quick",
-               "ablate", "ckpt_fid", "final_fid"}
-
+               "ablate"}
 
 def ckpt_path(args, out, run):
     """out/ckpt/<run>.pt; with several seeds, <run>-seed<k>.pt."""
-    several = len(args.seeds) > 1
-    return Path(out) / "ckpt" / (f"{run.name}-seed{args.seed}.pt" if several else f"{run.name}.pt")
-
+    return Path(out) / "ckpt" / (f"{run.name}-seed{args.seed}.pt" if len(args.seeds) > 1
+                                 else f"{run.name}.pt")
 
 def save_checkpoint(path, model, ema, projector, opt, step, args, run, rec):
-    """Everything a resume needs as plain tensors and values (torch.load(weights_only=True));
-    the data position is `step` itself. Saved right after a log line: no loss is half summed."""
-    state = dict(format=CKPT_FORMAT, step=step, settings=vars(args), run=dataclasses.asdict(run),
+    """All a resume needs, as plain tensors and values (torch.load(weights_only=True)); the data
+    position is `step` itself. Saved right after a log line: no loss is half summed."""
+    state = dict(format=CKPT_FORMAT, step=step, settings=vars(args), run=vars(run), record=rec,
                  model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                  projector=projector.state_dict() if projector is not None else {},
                  rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
-                          if torch.cuda.is_available() else []), record=rec)
+                          if torch.cuda.is_available() else []))
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-
 
 def load_checkpoint(path, args, run, mmap=False):
     """The checkpoint at `path`, checked to be this run's (the one place that compares saved
@@ -1256,45 +1101,30 @@ def load_checkpoint(path, args, run, mmap=False):
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise DemoError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: "
                         f"{reason}); {fix}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT or CKPT_KEYS - set(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise DemoError(f"--resume: {path} is not a {CKPT_FORMAT} checkpoint; {fix}")
     show = lambda value: json.dumps(value, sort_keys=True, default=str)
-    then = {**ckpt["settings"], "run": ckpt["run"]}
-    now = {**vars(args), "run": dataclasses.asdict(run)}
-    changed = [k for k in sorted(set(then) | set(now))
-               if k not in RESUME_FREE and show(then.get(k)) != show(now.get(k))]
-    changed += ["seed"] if ckpt["record"].get("seed") != args.seed else []
+    then = {**ckpt["settings"], "run": ckpt["run"], "seed": ckpt["record"]["seed"]}
+    now = {**vars(args), "run": vars(run)}
+    changed = [k for k in sorted(set(then) | set(now)) if (k not in RESUME_FREE or k == "seed")
+               and show(then.get(k)) != show(now.get(k))]
+    name = lambda k: {"data_id": "the training data", "run": "the run's SRA 2 settings"}.get(
+        k, "--" + k.replace("_", "-"))
+    diffs = "; ".join(f"{name(k)}: {show(then.get(k))} there, {show(now.get(k))} now"
+                      for k in changed[:3])
     if changed:
-        name = lambda k: {"data_id": "the training data", "run": "the run's SRA 2 settings"}.get(
-            k, "--" + k.replace("_", "-"))
-        diffs = "; ".join(f"{name(k)}: {show(then.get(k, ckpt['record'].get(k)))} there, "
-                          f"{show(now.get(k))} now" for k in changed[:3])
         raise DemoError(f"--resume: {path} is from another run ({diffs}); {fix}, or resume with "
                         "its settings")
     return ckpt
 
-
-def restore(ckpt, model, ema, projector, opt, rec):
-    """Load a checked checkpoint into the freshly built run. Returns (step, record)."""
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    if projector is not None:
-        projector.load_state_dict(ckpt["projector"])
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])                    # unused by training (keyed draws)
-    if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"], {**rec, **ckpt["record"]}
-
-
 def check_checkpoints(args, runs, out):
     """Before any work. --resume: every checkpoint there must be readable and this run's.
     Without it: an unfinished run's checkpoint is never overwritten by a fresh start."""
-    found = []
+    found = False
     for args.seed in args.seeds:
         for path, run in ((ckpt_path(args, out, run), run) for _, _, run in runs):
             if path.is_file() and args.resume:
-                found.append(load_checkpoint(path, args, run, mmap=True)["step"])
+                found = load_checkpoint(path, args, run, mmap=True) is not None
             elif path.is_file():
                 try:
                     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -1308,15 +1138,12 @@ def check_checkpoints(args, runs, out):
     if args.resume and not found:
         say(f"--resume: no checkpoint in {Path(out) / 'ckpt'}; starting from scratch")
 
-
 def torchrun_world():
-    return int(os.environ.get("WORLD_SIZE", "1"))             # set by torchrun
-
+    return int(os.environ.get("WORLD_SIZE", "1"))                # set by torchrun
 
 def rank_and_world():
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 def rank0_first(fn, *args):
     """fn(*args) on rank 0 first (it downloads, trains stage 1, writes the cache), then on the
@@ -1330,15 +1157,12 @@ def rank0_first(fn, *args):
         if rank == 0 and world > 1:
             dist.barrier()
 
-
 def from_rank0(fn, *args):
     """fn(*args) on rank 0 only (one Inception, not one per GPU), its value sent to every rank."""
-    rank, world = rank_and_world()
-    value = [fn(*args) if rank == 0 else None]
-    if world > 1:
+    value = [fn(*args) if rank_and_world()[0] == 0 else None]
+    if rank_and_world()[1] > 1:
         dist.broadcast_object_list(value, src=0)
     return value[0]
-
 
 def data_parallel(module, device):
     """Under torchrun, DDP: every rank starts from rank 0's weights and gradients are averaged.
@@ -1348,24 +1172,8 @@ def data_parallel(module, device):
         return module
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
-
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def font(size=14):
-    try:
-        return ImageFont.load_default(size=size)                       # pillow >= 10.1: scalable
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def put(draw, xy, text, fnt, anchor="la"):
-    """draw.text anchored l/m/r and a/m, by hand: older pillow's bitmap font has no anchors."""
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=fnt)
-    x = xy[0] - {"l": 0, "m": (x1 - x0) / 2, "r": x1 - x0}[anchor[0]]
-    draw.text((x, xy[1] - {"a": 0, "m": (y1 + y0) / 2}[anchor[1]]), text, fill="black", font=fnt)
-
 
 def axis_ticks(lo, hi, log=False):
     """Round ticks whose first is at or below lo and last at or above hi, so the axis spans them
@@ -1386,7 +1194,6 @@ def axis_ticks(lo, hi, log=False):
     last += last * step < hi
     return [k * step for k in range(first, last + 1)]
 
-
 def thick_line(image, points, color, width):
     """A polyline of the same thickness at every slope: the pixels whose centres lie within
     width / 2 of a segment (pillow's wide lines come out thinner on shallow segments)."""
@@ -1401,104 +1208,23 @@ def thick_line(image, points, color, width):
         mask[top:bottom, left:left + xx.shape[1]] |= near
     image.paste(color, mask=Image.fromarray(mask))
 
-
-def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
-    """series: (label, xs, ys[, color index[, thin]]). Thin lines (one seed beside a mean) are a
-    lighter shade without markers; a None label has no legend entry. Markers up to 30 points."""
-    keep = lambda y: math.isfinite(y) and (y > 0 or not logy)
-    series = [(label, [float(x) for x, y in zip(xs, ys) if keep(y)],
-               [float(y) for y in ys if keep(y)], *style) for label, xs, ys, *style in series]
-    W, H = size
-    left, right, top, bottom = 80, 200, 50 + (18 if note else 0), 60
-    img = Image.new("RGB", size, "white")
-    draw, big, small = ImageDraw.Draw(img), font(16), font(12)
-    xs = [x for s in series for x in s[1]] or [0.0, 1.0]
-    ys = [y for s in series for y in s[2]] or [1.0, 2.0]
-    xticks, yticks = axis_ticks(min(0.0, min(xs)), max(xs)), axis_ticks(min(ys), max(ys), logy)
-    fy = math.log10 if logy else float
-    px = lambda x: left + (x - xticks[0]) / (xticks[-1] - xticks[0]) * (W - left - right)
-    py = lambda y: H - bottom - (fy(y) - fy(yticks[0])) / (fy(yticks[-1]) - fy(yticks[0])) * (
-        H - top - bottom)
-    draw.text((left, 12), title, fill="black", font=big)
-    if note:
-        draw.text((left, 34), note, fill=(200, 0, 0), font=small)
-    for v in yticks:
-        draw.line([left, py(v), W - right, py(v)], fill=(225, 225, 225))
-        put(draw, (left - 8, py(v)), f"{v:g}", small, "rm")
-    for v in xticks:
-        draw.line([px(v), top, px(v), H - bottom], fill=(235, 235, 235))
-        put(draw, (px(v), H - bottom + 6), f"{v:g}", small, "ma")
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    put(draw, ((left + W - right) / 2, H - 22), xlabel, big, "mm")
-    draw.text((12, top - 22), ylabel, fill="black", font=small)
-    legend = 0
-    for i, (label, sx, sy, *style) in enumerate(series):
-        index, thin = (style + [i, False][len(style):])[:2]
-        color = COLORS[index % len(COLORS)]
-        color = tuple(round(c + (255 - c) * 0.55) for c in color) if thin else color
-        points = [(px(x), py(y)) for x, y in zip(sx, sy)]
-        thick_line(img, points, color, 1.5 if thin else 2.5)
-        for x, y in points if len(points) <= 30 and not thin else []:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        if label is not None:
-            ly, legend = top + 10 + 22 * legend, legend + 1
-            thick_line(img, [(W - right + 12, ly), (W - right + 36, ly)], color, 3)
-            put(draw, (W - right + 42, ly), label, small, "lm")
-    img.save(path)
-
-
-def image_grid(images, ncol=10, pad=2):
-    """uint8 (N, h, w, 3) -> one PIL image, ncol per row."""
-    images = np.asarray(images)
-    n, h, w, _ = images.shape
-    rows = math.ceil(n / ncol)
-    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad):(r + 1) * (h + pad), pad + c * (w + pad):(c + 1) * (w + pad)] = im
-    return Image.fromarray(grid)
-
-
-def panels(path, named_images, title, scale=2, ncol=10):
-    """Grids side by side, each under its name, upscaled for viewing (nearest: pixels stay)."""
-    grids = [image_grid(np.asarray(im), min(ncol, len(im))) for _, im in named_images]
-    grids = [g.resize((g.width * scale, g.height * scale), Image.NEAREST) for g in grids]
-    canvas = Image.new("RGB", (sum(g.width + 20 for g in grids) + 20,
-                               max(g.height for g in grids) + 70), "white")
-    draw, x = ImageDraw.Draw(canvas), 20
-    draw.text((20, 10), title, fill="black", font=font(16))
-    for (name, _), g in zip(named_images, grids):
-        draw.text((x, 40), name, fill="black", font=font(14))
-        canvas.paste(g, (x, 62))
-        x += g.width + 20
-    canvas.save(path)
-
-
-LOG_FILE = None
-
+LOG_FILE = None                                     # out/log.txt: the log holds what the user saw
 
 def say(*lines):
-    """Print and append to out/log.txt, so the log holds exactly what the user saw (rank 0)."""
-    if rank_and_world()[0] != 0:
-        return
-    for line in lines:
-        print(line, flush=True)
+    """Print (rank 0) and append to LOG_FILE."""
+    if rank_and_world()[0] == 0:
+        print(*lines, sep="\n", flush=True)
         if LOG_FILE is not None:
             with open(LOG_FILE, "a") as f:
-                f.write(line + "\n")
-
+                f.write("".join(line + "\n" for line in lines))
 
 def read_cache(path, load):
     """load() of a cache file, or None if there is none or it is unreadable (then it is built
     again: a cache holds nothing that cannot be made again)."""
-    if not Path(path).is_file():
-        return None
     try:
-        return load()
+        return load() if Path(path).is_file() else None
     except Exception as error:
         say(f"note: cache file {path} is unreadable ({type(error).__name__}); building it again")
-        return None
-
 
 def digest(*parts):
     """Short hash of JSON-able settings and byte strings: the cache key."""
@@ -1507,12 +1233,22 @@ def digest(*parts):
         h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
+def load_inception(args, device):
+    try:                                                   # fid.py names a file that is no weights
+        return fid.load_inception(args.inception, device)
+    except ValueError as error:
+        raise DemoError(f"--inception {error}") from None
 
-def sync_time(device, tic):
+def reference_path(args, data_id, n_ref):
+    weights = Path(args.inception) if args.inception else None
+    key = digest(data_id, n_ref, "tf", weights.name if weights else "default",
+                 weights.stat().st_size if weights else 0)
+    return Path(args.cache) / f"fid-ref-{key}.npz"
+
+def synced_clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - tic
-
+    return time.perf_counter()
 
 def machine():
     """What ran it: the commit (with '+changes' if the tree differed) and the hardware."""
@@ -1520,14 +1256,12 @@ def machine():
                                     capture_output=True, text=True, timeout=10).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        commit = (commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
-                            else "")) or "unknown"
+        commit = commit + "+changes" * bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return dict(commit=commit, platform=platform.platform(), cpu_count=os.cpu_count(),
+        commit = ""
+    return dict(commit=commit or "unknown", platform=platform.platform(), cpu_count=os.cpu_count(),
                 processor=platform.processor() or platform.machine(), torch=torch.__version__,
                 python=platform.python_version())
-
 
 if __name__ == "__main__":
     main()
