@@ -1931,6 +1931,37 @@ def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
+def test_posterior_sample_target_is_mean_plus_std_noise_on_the_same_draws(tmp_path, monkeypatch):
+    """--target sample: the projector is pulled to z + std * n, n ~ N(0, I) fresh each step, while
+    the SiT sees the same z, t, eps and dropped labels as with the posterior mean."""
+    s = tiny_demo.parse_args([*TINY, "--steps", "3", "--heldout-evals", "0", "--evals", "1"])
+    tiny_demo.check(s)
+    stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16),
+                            std=torch.full((2, 32, 4, 16, 16), 0.5), heldout=None)
+    real_loss, calls = sra2.training_loss, {"mean": [], "sample": []}
+    monkeypatch.setattr(tiny_demo, "generate", lambda model, stage, n, *a, **k: torch.zeros(
+        n, 32, 32, 3, dtype=torch.uint8))
+    for target in ("mean", "sample"):
+        def spy(model, z, y, proj, **kw):
+            calls[target].append(dict(z=z, t=kw["t"], eps=kw["eps"], drop=kw["drop_labels"],
+                                      target=kw["target"]))
+            return real_loss(model, z, y, proj, **kw)
+        monkeypatch.setattr(sra2, "training_loss", spy)
+        s.target = target
+        tiny_demo.train_run(tiny_demo.make_run(s, "sra2", target, True), stage,
+                            torch.randint(0, 10, (32,)), s, torch.device("cpu"),
+                            lambda images: 1.0, tmp_path / target)
+    assert len(calls["mean"]) == len(calls["sample"]) == 3
+    for mean, sample in zip(calls["mean"], calls["sample"]):
+        for key in ("z", "t", "eps", "drop"):
+            assert torch.equal(mean[key], sample[key])
+        assert torch.equal(mean["target"], sra2.patchify(mean["z"], 2))
+        noise = (sample["target"] - mean["target"]) / 0.5               # n ~ N(0, I), 32K values
+        assert abs(noise.mean().item()) < 0.03 and abs(noise.std().item() - 1) < 0.03
+    first, second = (c["target"] - m["target"] for c, m in zip(calls["sample"][:2], calls["mean"]))
+    assert not torch.allclose(first, second)                             # fresh noise each step
+
+
 def test_nonfinite_loss_stops_with_the_step(tmp_path, monkeypatch):
     s = tiny_demo.parse_args([*TINY, "--heldout-evals", "0"])
     tiny_demo.check(s)
