@@ -338,7 +338,7 @@ def stage1(images, data_id, args, device):
         f"{fmt_time(saved['seconds'])}")
     return SimpleNamespace(vae=vae.to(device).eval().requires_grad_(False),
                            latents=saved["latents"].float(), std=saved["std"].float(),
-                           shift=saved["shift"], scale=saved["scale"])
+                           shift=saved["shift"], scale=saved["scale"], file=path.name)
 
 @torch.no_grad()
 def decode(stage, z):
@@ -899,6 +899,9 @@ def experiment(args, device, out, card):
     fid_meter = FIDMeter(args, images, args.data_id, device) if rank == 0 and uses_fid else None
     stage = rank0_first(stage1, images, args.data_id, args, device)    # rank 0 trains it
     stage.heldout = heldout_set(args, stage, device) if args.heldout_evals else None
+    # Which stage 1: VAE training is not bit-reproducible across machines, so runs are paired
+    # (and compared) only on the same latents.
+    data += f"; stage 1 {stage.file}, latent shift {stage.shift:+.6f}, scale {stage.scale:.6f}"
     # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind the decoder.
     n_floor = {"ckpt": args.fid_n if args.evals else 0, "final": args.final_fid_n}
     recon = torch.cat([decode(stage, z.to(device)) for z in

@@ -28,7 +28,7 @@ SCREEN = ["--preset", "cpu", "--model", "tiny", "--steps", "800", "--evals", "0"
 # name: (what it varies, flags beyond SCREEN, the baseline it is compared with)
 VARIANTS = {
     "base":       ("baseline", ["--runs", "baseline"], None),
-    "base2":      ("baseline, later code", ["--runs", "baseline"], None),
+    "base2":      ("baseline, stage 1 trained again", ["--runs", "baseline"], None),
     "sra":        ("paper default (block 2, lambda 1, P 5x2D)", ["--runs", "sra2"], "base"),
     "clip_sep":   ("clip SiT and P apart", ["--runs", "sra2", "--clip", "separate"], "base"),
     "lam0.1":     ("lambda 0.1", ["--runs", "sra2", "--lam", "0.1"], "base"),
@@ -151,7 +151,9 @@ def study_text(records):
     lines = ["# The CPU study", "",
              "Held-out loss: the denoising term on 1,000 CIFAR-10 test images at a fixed t grid and fixed noise, "
              "EMA weights, at the last step; each SRA 2 run against the baseline of the same seed and settings "
-             "(same init, batches and noise). Negative: SRA 2 better. Written by `python results/study.py table`.",
+             "(same init, batches and noise). Negative: SRA 2 better. Written by `python results/study.py table`. "
+             "Stage 1 was trained again on a second machine (VAE training is not bit-reproducible across "
+             "machines); the runs made there are paired with `base2`, the baseline trained on those latents.",
              "", "| variant | seeds | held-out loss gap | low t | middle t | high t | gap at 1/4 of the run | "
              "time per step* | steps above the clip (base / SRA 2) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, (what, _, base_name) in VARIANTS.items():
@@ -215,8 +217,12 @@ def confirm_lines(confirm):
 def screen_pairs(records, name):
     """(SRA 2 record, its baseline's record) for each screen seed of variant `name` found."""
     base_name = VARIANTS[name][2]
-    return [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
-            if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+    pairs = [(records[f"{name}-s{k}"], records[f"{base_name}-s{k}"]) for k in SCREEN_SEEDS
+             if base_name and f"{name}-s{k}" in records and f"{base_name}-s{k}" in records]
+    # Stage 1 (the VAE and its latents) is trained per machine and is not bit-reproducible
+    # across machines: a pair must come from one machine's stage 1.
+    assert all(a["machine"]["platform"] == b["machine"]["platform"] for a, b in pairs), name
+    return pairs
 
 
 def gap_chart(path, rows, title):
