@@ -208,7 +208,8 @@ def main(argv=None):
             print(f"{name}: {base:.1f} GFLOP per image per training step, {sra:.1f} with SRA 2 "
                   f"({figures[name]['extra']})")
         from tiny_demo import machine
-        record = dict(command="python bench.py --flops", machine=machine(), commit=machine()["commit"],
+        where = machine()
+        record = dict(command="python bench.py --flops", machine=where, commit=where["commit"],
                       settings="forward + backward per image, 32x32x4 latents, 1000 classes, "
                       "SRA 2's default projector (5 layers, width 2D) at the preset's block",
                       figures=figures)
