@@ -574,7 +574,7 @@ class FIDMeter:
         path = reference_path(args, data_id, n_ref)
         stats = read_cache(path, lambda: fid.load_statistics(path))
         if stats is None:
-            say(f"FID reference: Inception statistics of {n_ref} training images (cached)")
+            say(f"FID reference: Inception statistics of {n_ref} training images (then cached)")
             stats = self.statistics(images[:n_ref])
             atomic_write(path, lambda tmp: fid.save_statistics(tmp, *stats, "tf"))
         self.mu, self.sigma = stats
