@@ -17,6 +17,8 @@ import argparse
 import contextlib
 import hashlib
 import os
+import platform
+import subprocess
 import sys
 import time
 import urllib.request
@@ -47,7 +49,7 @@ def _require(ok, message, error=ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Script utilities (tiny_demo.py uses them too): time, progress line, atomic files, one-line errors
+# Script utilities (tiny_demo.py uses them too): time, progress, files, machine, one-line errors
 
 def fmt_time(seconds):
     """3.2s, 42s, 7m05s."""
@@ -96,6 +98,20 @@ def atomic_write(path, write):
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def machine():
+    """What ran it: the commit (with '+changes' if the tree differed) and the hardware."""
+    git = lambda *a: subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *a],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        commit += "+changes" * bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return dict(commit=commit or "unknown", platform=platform.platform(), cpu_count=os.cpu_count(),
+                processor=platform.processor() or platform.machine(), torch=torch.__version__,
+                python=platform.python_version())
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -197,15 +213,19 @@ class FIDInceptionV3(nn.Module):
         return features, logits
 
 
-def _download(url, dest, sha256):
-    """Fetch url to dest, SHA-256 checked; a wrong or half-written file never appears as dest."""
+def download(url, dest, checksum, algorithm="sha256"):
+    """Fetch url to dest with a progress line, checked against its hex digest (hashlib's
+    `algorithm`); a wrong or half-written file never appears as dest."""
     def fetch(tmp):
-        digest = hashlib.sha256()
+        digest, bar = hashlib.new(algorithm), Progress(f"download {Path(dest).name}", None, "MiB")
         with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        _require((got := digest.hexdigest()) == sha256, f"{url}: SHA-256 {got}, expected {sha256}")
+                bar.update(f.tell() >> 20)
+        bar.close()
+        _require((got := digest.hexdigest()) == checksum,
+                 f"{url}: {algorithm.upper()} {got}, expected {checksum} (corrupt transfer)")
     return atomic_write(dest, fetch)
 
 
@@ -232,7 +252,7 @@ def load_inception(weights=None, device="cpu"):
     if path is None and not cached.is_file():
         try:
             print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
-            _download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
+            download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
         except Exception as error:
             raise FileNotFoundError(f"no FID Inception weights ({error}): pass a local copy of "
                                     f"{cached.name} with --weights (fid.py) or --inception "

@@ -25,12 +25,9 @@ import json
 import math
 import os
 import pickle
-import platform
-import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,10 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 
 import fid
+import plots
 import sra2
 from fid import OneLineParser, Progress, atomic_write, fmt_time
 
@@ -50,7 +47,6 @@ from fid import OneLineParser, Progress, atomic_write, fmt_time
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 VAE_SEED = 0             # one VAE for every --seed: stage 1 is given, as the SD-VAE is in the paper
-SMALL_FID = 256          # up to this many images, FID takes the exact n x n route (fid_small)
 HELDOUT_T = 12           # the held-out set's t grid: (j + 0.5) / 12, image i at grid point i % 12
 HELDOUT_SEED = 20_260    # its noise: one fixed draw, the same for every run, seed and checkpoint
 HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)}   # t in [lo, hi)
@@ -124,16 +120,16 @@ def parse_args(argv=None):
         values = values if isinstance(values, list) else [values] * 3
         kind = type(next((v for v in values if v is not None), 0))
         shown = "; ".join(f"{p} {v}" for p, v in zip(PRESETS, values)) if len(
-            set(map(str, values))) > 1 else "%g %g" % values[0] if kind is tuple else values[0]
+            set(map(str, values))) > 1 else values[0]
         pair = dict(type=float, nargs=2, metavar=("LO", "HI")) if kind is tuple else dict(
             type=kind, metavar="NAME" if key == "model" else None)
         add("--" + key.replace("_", "-"), choices=CHOICES.get(key), help=f"{text} ({shown})",
             **pair)
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.preset = "quick" if args.quick else args.preset
-    args.quick = args.preset == "quick"
-    args.data = "synthetic" if args.quick and args.data is None else args.data
+    args.argv, args.preset = list(sys.argv[1:] if argv is None else argv), \
+        "quick" if args.quick else args.preset
+    args.quick, args.data = args.preset == "quick", args.data or (
+        "synthetic" if args.preset == "quick" else None)
     args.evals = 1 if args.ablate and args.evals is None else args.evals   # Table 1: the end only
     for key, (values, _) in KNOBS.items():
         if getattr(args, key) is None:
@@ -190,12 +186,10 @@ def read_cifar(path, split="train"):
     """A split of CIFAR-10 from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
     path = Path(path).expanduser()
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    if not path.exists():
-        raise DemoError(f"--data {path}: no such file or folder")
     if path.is_dir():
-        where = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        raws = {n: (where / n).read_bytes() for n in names if (where / n).is_file()}
-    else:
+        path = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        raws = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
+    elif path.is_file():
         try:
             with tarfile.open(path, "r:*") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -203,13 +197,13 @@ def read_cifar(path, split="train"):
         except Exception as error:                             # tarfile, gzip, zlib, OS errors
             raise DemoError(f"{path}: corrupt or truncated archive ({type(error).__name__}: "
                             f"{error})") from None
-        where = path
-    missing = ", ".join(n for n in names if n not in raws)
-    if missing:
+    else:
+        raise DemoError(f"--data {path}: no such file or folder")
+    if missing := [n for n in names if n not in raws]:
         kind = "a CIFAR-10 python folder" if path.is_dir() else "the CIFAR-10 python archive"
-        raise DemoError(f"--data {path}: not {kind} ({missing} missing)")
-    parts = [parse_cifar_batch(f"{where}/{n}", raws[n]) for n in names]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        raise DemoError(f"--data {path}: not {kind} ({', '.join(missing)} missing)")
+    images, labels = zip(*(parse_cifar_batch(f"{path}/{n}", raws[n]) for n in names))
+    return np.concatenate(images), np.concatenate(labels)
 
 def parse_cifar_batch(name, raw):
     """One pickled batch -> (images uint8 (n, 32, 32, 3), labels int64 (n,))."""
@@ -237,6 +231,19 @@ class ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
 
+def download_cifar(cache):
+    """The official archive in `cache`, downloaded once; only a file with the right MD5 is kept."""
+    archive = Path(cache) / "cifar-10-python.tar.gz"
+    if archive.is_file() and hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR_MD5:
+        raise DemoError(f"{archive}: MD5 mismatch (corrupt file); delete it to download again")
+    if not archive.is_file():
+        say(f"downloading CIFAR-10 (163 MiB) to {archive}")
+        try:
+            fid.download(CIFAR_URL, archive, CIFAR_MD5, "md5")
+        except (OSError, ValueError) as error:
+            raise DemoError(f"could not download CIFAR-10 ({error}); pass --data PATH to a local "
+                            "copy (a cifar-10-batches-py folder or the .tar.gz)") from None
+    return archive
 # ============= Stage 1: the VAE whose latents SiT denoises, and SRA 2's target f_VAE ==============
 
 class ResBlock(nn.Module):
@@ -299,8 +306,7 @@ def train_vae(images, args, device):
 
 @torch.no_grad()
 def encode(vae, images, device, label="stage 1: encoding"):
-    """uint8 images (N, 32, 32, 3) -> posterior means and standard deviations, 2 x (N, C, 16, 16)
-    float32 on the CPU."""
+    """uint8 images (N, 32, 32, 3) -> posterior means and stds, 2 x (N, C, 16, 16) on the CPU."""
     means, stds, bar = [], [], Progress(label, len(images), "img")
     for i in range(0, len(images), 1000):
         mean, logvar = vae.encode(to_float(torch.from_numpy(images[i:i + 1000].copy()).to(device)))
@@ -535,7 +541,6 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     if rank == 0 and (args.ckpt_minutes > 0 or args.ckpt_every > 0):   # the finished run
         save_checkpoint(path, model, ema, projector, opt, args.steps, args, run, rec)
     return rec
-
 # =============================== Measure: the held-out loss and FID ===============================
 
 @torch.no_grad()
@@ -566,12 +571,12 @@ def heldout_loss(model, held, batch=100):
     return dict(loss=per_image.mean().item(), **bands)
 
 class FIDMeter:
-    """FID of uint8 images against the (cached) Inception statistics of the training images."""
+    """FID of uint8 images against the (cached) Inception statistics of the training images;
+    fid.frechet_distance is exact also for the singular covariance of fewer than 2048 images."""
 
     def __init__(self, args, images, data_id, device):
         self.device, n_ref = device, min(args.fid_ref_n, len(images))
-        self.model = load_inception(args, device)
-        path = reference_path(args, data_id, n_ref)
+        self.model, path = load_inception(args, device), reference_path(args, data_id, n_ref)
         stats = read_cache(path, lambda: fid.load_statistics(path))
         if stats is None:
             say(f"FID reference: Inception statistics of {n_ref} training images (then cached)")
@@ -583,28 +588,8 @@ class FIDMeter:
         return fid.compute_statistics(images, self.model, 200 if self.device.type == "cuda" else 50,
                                       self.device, progress=True)
 
-    @torch.no_grad()
-    def features(self, images):
-        """Pool3 features (n, 2048), preprocessed exactly as fid.compute_statistics does."""
-        with torch.autocast(self.device.type, enabled=False):
-            return torch.cat([self.model(fid.preprocess(b.to(self.device), "tf"))[0].double().cpu()
-                              for b in torch.as_tensor(images).split(64)]).numpy()
-
     def __call__(self, images):
-        if len(images) > SMALL_FID:
-            return fid.frechet_distance(self.mu, self.sigma, *self.statistics(images))
-        return fid_small(self.features(images), self.mu, self.sigma)
-
-def fid_small(features, mu_ref, sigma_ref):
-    """Exact FID of few (n) generated images without a D x D covariance: S_gen = B^T B with
-    B = (F - mu) / sqrt(n - 1) and S_ref = C C^T (fid.psd_factor), so tr((S_ref S_gen)^1/2) is the
-    sum of the singular values of B C (n, R), with no square roots of rounding noise."""
-    features = np.asarray(features, np.float64)
-    mu = features.mean(0)
-    B = (features - mu) / math.sqrt(len(features) - 1)                # (n, D)
-    tr_covmean = np.linalg.svd(B @ fid.psd_factor(sigma_ref, "sigma_ref"), compute_uv=False).sum()
-    diff = mu - mu_ref
-    return float(diff @ diff + np.trace(sigma_ref) + (B * B).sum() - 2 * tr_covmean)
+        return fid.frechet_distance(self.mu, self.sigma, *self.statistics(images))
 
 @torch.no_grad()
 def generate(model, stage, n, num_steps, args, device, label):
@@ -612,8 +597,8 @@ def generate(model, stage, n, num_steps, args, device, label):
     Chunk c's noise comes from a generator seeded by (seed, c): matched across runs and steps, and
     the same when torchrun's rank r samples chunks r, r + world, ... (all ranks get all n)."""
     rank, world = rank_and_world()
-    chunks = list(enumerate((torch.arange(n, device=device) % 10).split(args.sample_batch)))
-    mine = chunks[rank::world]
+    mine = list(enumerate((torch.arange(n, device=device) % 10).split(args.sample_batch)))[
+        rank::world]
     done, bar = [], Progress(f"  sampling {label}", sum(len(y) for _, y in mine), "img")
     for chunk, y in mine:
         generator = torch.Generator(device).manual_seed(10_007 * (args.seed + 1) + chunk)
@@ -644,29 +629,27 @@ def reach(xs, fids, target):
 
 # ====================================== Tables and pictures =======================================
 
-def report(args, runs, records, floor, out, card, data, quick, seconds):
+def report(args, runs, records, out, card, data, quick, seconds):
     """Per seed (and the seeds' mean) a table of the runs as they end, then the clipping, the time
     per step and the speed-up: printed and in table.txt; every number in results.json; pictures."""
-    names, seeds = list(dict.fromkeys(run.name for _, _, run in runs)), list(args.seeds)
+    names, seeds, speedups = list(dict.fromkeys(run.name for _, _, run in runs)), args.seeds, {}
     if len(seeds) > 1:
         records = {**records, **{(name, "mean"): mean_record([records[name, k] for k in seeds])
                                  for name in names}}
-        seeds.append("mean")
-    lines, speedups = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}",
-                       *([quick] if quick else []), f"data: {data}", describe(args),
-                       f"SRA 2: {make_run(args, 'sra2', '', True).settings}",
-                       f"FID: EMA weights, no CFG, against {args.fid_ref_n} training images, "
-                       "tf convention"], {}
+        seeds = [*seeds, "mean"]
+    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}",
+             *([quick] if quick else []), f"data: {data}", describe(args),
+             f"SRA 2: {make_run(args, 'sra2', '', True).settings}",
+             f"FID: EMA weights, no CFG, against {args.fid_ref_n} training images, tf convention"]
     for seed in seeds[-1:] if args.ablate else seeds:
         lines += ["", *seed_table(args, runs, records, seed)]
         if names == ["baseline", "sra2"]:
             lines += pair_lines(args, records["baseline", seed], records["sra2", seed], speedups)
-    lines += ["", floor_line(args, floor)] if any(v is not None for v in floor.values()) else []
     say("", *lines, "", f"total wall time {fmt_time(seconds)}")
     (out / "table.txt").write_text("\n".join(lines) + "\n")
     if not args.ablate:
         pictures(args, records, names, out, quick)
-    results = dict(settings=vars(args), card=card, machine=machine(), data=data, floor=floor,
+    results = dict(settings=vars(args), card=card, machine=fid.machine(), data=data,
                    total_seconds=seconds, step_fraction_to_baseline_fid=speedups, runs=[
                        {k: v for k, v in r.items() if k not in ("grids", "final_grid")}
                        for (_, seed), r in records.items() if seed != "mean"])
@@ -694,10 +677,10 @@ def seed_table(args, runs, records, seed):
                         "fixed t grid and noise, EMA weights, in brackets SRA 2 - baseline"
                         if args.heldout_evals else "")
     if args.ablate:
-        return [title, *table(["design", "setting", *heads], [
+        return [title, *plots.table(["design", "setting", *heads], [
             [group, setting, *row(records[run.name, seed])] for group, setting, run in runs])]
-    return [title, *table(["model", "params", *heads],
-                          [[r["label"], f"{r['params'] / 1e6:.1f}M", *row(r)] for r in recs])]
+    return [title, *plots.table(["model", "params", *heads],
+                                [[r["label"], f"{r['params'] / 1e6:.1f}M", *row(r)] for r in recs])]
 
 def pair_lines(args, base, sra, speedups):
     """The clipping, the time per step, and the speed-up: the fraction of the steps SRA 2 needs
@@ -724,18 +707,15 @@ def pair_lines(args, base, sra, speedups):
 
 def mean_record(recs):
     """The seeds' average run: every number of its curves, checkpoint by checkpoint."""
-    average = lambda curves: [{k: es[0][k] if k == "step" else mean(e[k] for e in es)
+    mean = lambda values: None if None in values else sum(values) / len(values)
+    average = lambda curves: [{k: es[0][k] if k == "step" else mean([e[k] for e in es])
                                for k in es[0]} for es in zip(*curves)]
     return dict(recs[0], seed="mean", label=recs[0]["label"] + " (mean)",
-                wall=mean(r["wall"] for r in recs), final_fid=mean(r["final_fid"] for r in recs),
+                wall=mean([r["wall"] for r in recs]), final_fid=mean([r["final_fid"] for r in recs]),
                 **{key: average([r[key] for r in recs]) for key in ("log", "heldout", "evals")})
 
-def floor_line(args, floor):
-    """No sampler behind these FIDs: they are named by their image counts alone."""
-    return "VAE reconstruction floor: " + ", ".join(
-        f"{fid_name(n)} {floor[key]:.2f}" for key, n in (("ckpt", args.fid_n),
-                                                         ("final", args.final_fid_n))
-        if floor[key] is not None)
+def fmt(value, spec=".2f"):
+    return "-" if value is None else format(value, spec)
 
 def pictures(args, records, names, out, quick):
     """Every run's curves as line charts; the matched sample grids of the first seed."""
@@ -755,7 +735,8 @@ def pictures(args, records, names, out, quick):
                 f"held-out denoising loss, {args.heldout_n} test images (EMA)", "training steps",
                 "loss")] * bool(args.heldout_evals)
     for name, series, title, xlabel, ylabel in charts:
-        line_chart(out / f"{name}.png", series, title, xlabel, f"{ylabel} (log scale)", True, quick)
+        plots.line_chart(out / f"{name}.png", series, title, xlabel, f"{ylabel} (log scale)",
+                         True, quick)
     if names != ["baseline", "sra2"]:
         return
     base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]
@@ -767,99 +748,14 @@ def pictures(args, records, names, out, quick):
                       base["final_grid"], sra["final_grid"],
                       f"step {args.steps}, {args.final_sampling_steps}-step SDE"))
     for name, what, fid_base, fid_sra, grid_base, grid_sra, title in grids:
-        panels(out / f"samples_{name}.png", [(f"baseline, {what} {fid_base:.1f}", grid_base),
-                                             (f"SRA 2, {what} {fid_sra:.1f}", grid_sra)],
-               title, quick)
-
-def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
-    """series: (label, xs, ys[, color index[, thin]]). Thin lines (one seed beside a mean) are a
-    lighter shade without markers; a None label has no legend entry. Markers up to 30 points."""
-    keep = lambda y: math.isfinite(y) and (y > 0 or not logy)
-    series = [(label, [float(x) for x, y in zip(xs, ys) if keep(y)],
-               [float(y) for y in ys if keep(y)], *style) for label, xs, ys, *style in series]
-    (W, H), left, right, top, bottom = size, 80, 200, 68, 60
-    image = Image.new("RGB", size, "white")
-    draw, font = title_and_note(image, left, title, note), ImageFont.load_default(12)
-    xs = [x for s in series for x in s[1]] or [0.0, 1.0]
-    ys = [y for s in series for y in s[2]] or [1.0, 2.0]
-    xticks, yticks = axis_ticks(min(0.0, min(xs)), max(xs)), axis_ticks(min(ys), max(ys), logy)
-    fy = math.log10 if logy else float
-    px = lambda x: left + (x - xticks[0]) / (xticks[-1] - xticks[0]) * (W - left - right)
-    py = lambda y: H - bottom - (fy(y) - fy(yticks[0])) / (fy(yticks[-1]) - fy(yticks[0])) * (
-        H - top - bottom)
-    for v in yticks:
-        draw.line([left, py(v), W - right, py(v)], fill=(225, 225, 225))
-        draw.text((left - 8, py(v)), f"{v:g}", fill="black", font=font, anchor="rm")
-    for v in xticks:
-        draw.line([px(v), top, px(v), H - bottom], fill=(235, 235, 235))
-        draw.text((px(v), H - bottom + 6), f"{v:g}", fill="black", font=font, anchor="ma")
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    draw.text(((left + W - right) / 2, H - 22), xlabel, "black", ImageFont.load_default(16), "mm")
-    draw.text((12, top - 22), ylabel, fill="black", font=font)
-    legend = iter(range(len(series)))
-    for i, (label, sx, sy, *style) in enumerate(series):
-        index, thin = (style + [i, False][len(style):])[:2]
-        color = COLORS[index % len(COLORS)]
-        color = tuple(round(c + (255 - c) * 0.55) for c in color) if thin else color
-        points = [(px(x), py(y)) for x, y in zip(sx, sy)]
-        thick_line(image, points, color, 1.5 if thin else 2.5)
-        for x, y in points if len(points) <= 30 and not thin else []:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        if label is not None:
-            ly = top + 10 + 22 * next(legend)
-            thick_line(image, [(W - right + 12, ly), (W - right + 36, ly)], color, 3)
-            draw.text((W - right + 42, ly), label, fill="black", font=font, anchor="lm")
-    image.save(path)
-
-def panels(path, named_images, title, note=None, scale=2):
-    """Image grids side by side, each under its name, upscaled (nearest: pixels stay pixels)."""
-    grids = [image_grid(np.asarray(images), min(10, len(images))) for _, images in named_images]
-    grids = [g.resize((g.width * scale, g.height * scale), Image.NEAREST) for g in grids]
-    canvas = Image.new("RGB", (sum(g.width + 20 for g in grids) + 20,
-                               max(g.height for g in grids) + 96), "white")
-    draw, x = title_and_note(canvas, 20, title, note), 20
-    for (name, _), grid in zip(named_images, grids):
-        draw.text((x, 62), name, fill="black", font=ImageFont.load_default(14))
-        canvas.paste(grid, (x, 84))
-        x += grid.width + 20
-    canvas.save(path)
-
-def title_and_note(image, x, title, note):
-    """Every picture's title, and under it quick mode's banner in red."""
-    draw = ImageDraw.Draw(image)
-    draw.text((x, 12), title, fill="black", font=ImageFont.load_default(16))
-    draw.text((x, 36), note or "", fill=(200, 0, 0), font=ImageFont.load_default(12))
-    return draw
-
-def image_grid(images, ncol=10, pad=2):
-    """uint8 (N, h, w, 3) -> one PIL image, ncol per row."""
-    n, h, w, _ = images.shape
-    grid = np.full((-(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        grid[top:top + h, left:left + w] = image
-    return Image.fromarray(grid)
-
-def table(headers, rows):
-    """Plain-text table, columns padded to their widest cell."""
-    cells = [headers] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
-
-def mean(values):
-    values = list(values)
-    return None if None in values else sum(values) / len(values)
-
-def fmt(value, spec=".2f"):
-    return "-" if value is None else format(value, spec)
+        plots.panels(out / f"samples_{name}.png", [(f"baseline, {what} {fid_base:.1f}", grid_base),
+                                                   (f"SRA 2, {what} {fid_sra:.1f}", grid_sra)],
+                     title, quick)
 
 # ============================================== Main ==============================================
 
 def main(argv=None):
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
+    args, threads = parse_args(argv), torch.get_num_threads()
     try:
         check(args)
         device, out, card = setup(args)
@@ -902,17 +798,11 @@ def experiment(args, device, out, card):
     # Which stage 1: VAE training is not bit-reproducible across machines, so runs are paired
     # (and compared) only on the same latents.
     data += f"; stage 1 {stage.file}, latent shift {stage.shift:+.6f}, scale {stage.scale:.6f}"
-    # The floor: FIDs of decoded real latents, i.e. of a perfect diffusion model behind the decoder.
-    n_floor = {"ckpt": args.fid_n if args.evals else 0, "final": args.final_fid_n}
-    recon = torch.cat([decode(stage, z.to(device)) for z in
-                       stage.latents[0, :max(50, *n_floor.values())].split(args.sample_batch)])
-    floor = {key: from_rank0(fid_meter, recon[:n]) if n else None for key, n in n_floor.items()}
     if rank == 0:
-        panels(out / "vae_reconstructions.png", [("real", images[:50]),
-                                                 ("VAE reconstruction", recon[:50])],
-               f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3", quick)
-    if uses_fid:
-        say(floor_line(args, floor))
+        plots.panels(out / "vae_reconstructions.png", [
+            ("real", images[:50]), ("VAE reconstruction", decode(stage, stage.latents[0, :50].to(
+                device)))], f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3",
+            quick)
     records = {}                                              # (run name, seed) -> record
     for args.seed in args.seeds:
         for _, _, run in runs:
@@ -921,10 +811,10 @@ def experiment(args, device, out, card):
                                                          fid_meter, out)
     args.seed = args.seeds[0]
     if rank == 0:
-        report(args, runs, records, floor, out, card, data, quick, time.perf_counter() - tic)
+        report(args, runs, records, out, card, data, quick, time.perf_counter() - tic)
     return records
 
-# ======= Infrastructure: flag checks, setup, estimate, download, checkpoints, DDP, drawing ========
+# ========== Infrastructure: flag checks, setup, estimate, checkpoints, DDP, log and cache =========
 
 class DemoError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
@@ -977,12 +867,9 @@ def check(args):
                                             world=torchrun_world(), depth=config.depth))
     args.seeds = [int(seed) for seed in args.seed.split(",")]
     args.seed, args.runs = args.seeds[0], args.runs.split(",")
+    fid_name = lambda n: f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"   # FID-2k, FID-250
     args.ckpt_fid = f"{fid_name(args.fid_n)} {args.fid_sampling_steps}-step"
     args.final_fid = f"{fid_name(args.final_fid_n)} {args.final_sampling_steps}-step"
-
-def fid_name(n):
-    """FID-2k, FID-250: FIDs compare only at equal image counts (and samplers)."""
-    return f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"
 
 def setup(args):
     """The device, torchrun's process group, threads, the output folder and its log; the card."""
@@ -1020,19 +907,18 @@ def setup(args):
 
 def estimate(args, device, runs, data_id, uses_fid):
     """The run's time on this CPU, from timed calls of each part scaled by the settings."""
-    def per_image(fn, n):                                      # the faster of 2, after 2 warm-ups
-        clock = [(fn(), time.perf_counter())[1] for _ in range(4)]
-        return min(np.diff(clock[1:])) / n
+    def seconds(fn):                                           # the faster of 2, after a warm-up
+        return min(np.diff([(fn(), time.perf_counter())[1] for _ in range(3)]))
     b, n_runs = min(args.batch_size, 64), len({run.name for _, _, run in runs}) * len(args.seeds)
     model, projector = build(args, make_run(args, "sra2", "", True), device)
     z, y = torch.randn(b, args.latent_channels, 16, 16), torch.zeros(b, dtype=torch.long)
-    sit = per_image(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b)
+    sit = seconds(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward()) / b
     vae = VAE(args.vae_width, args.latent_channels)
-    vae_step = per_image(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
-                         .backward(), b) * args.vae_batch
+    vae_step = seconds(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
+                       .backward()) / b * args.vae_batch
     net = load_inception(args, device) if uses_fid else None     # fails here without weights
-    inception = per_image(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))),
-                          4) if uses_fid else 0
+    inception = seconds(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)))
+                        ) / 4 if uses_fid else 0
     sampled = args.evals * args.fid_n * args.fid_sampling_steps + args.heldout_evals * \
         args.heldout_n + args.final_fid_n * args.final_sampling_steps  # a forward: 1/3 of a step
     per_run = (args.steps * args.batch_size + sampled / 3) * sit + inception * (
@@ -1045,32 +931,6 @@ def estimate(args, device, runs, data_id, uses_fid):
             "here (" + ", ".join(f"{k} {fmt_time(v)}" for k, v in parts.items() if v) +
             "; from timed steps of each part)" + ("; --preset cpu is made for two cores"
                                                   if args.preset == "full" else ""))
-
-def download_cifar(cache):
-    """The official archive in `cache`, downloaded once; only a file with the right MD5 is kept."""
-    archive = Path(cache) / "cifar-10-python.tar.gz"
-    md5 = lambda path: hashlib.md5(Path(path).read_bytes()).hexdigest()
-    if archive.is_file() and md5(archive) != CIFAR_MD5:
-        raise DemoError(f"{archive}: MD5 mismatch (corrupt file); delete it to download again")
-    if archive.is_file():
-        return archive
-
-    def fetch(tmp):
-        try:
-            with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, open(tmp, "wb") as f:
-                bar = Progress("download CIFAR-10", 163, "MiB")
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(f.tell() >> 20)
-                bar.close()
-        except OSError as error:
-            raise DemoError(f"could not download {CIFAR_URL} ({error}); pass --data PATH to a "
-                            "local copy (a cifar-10-batches-py folder or the .tar.gz)") from None
-        if md5(tmp) != CIFAR_MD5:
-            raise DemoError(f"downloaded {CIFAR_URL} but its MD5 is wrong (corrupt transfer); "
-                            "run again")
-    say(f"downloading CIFAR-10 (163 MiB) to {archive}")
-    return atomic_write(archive, fetch)
 
 CKPT_FORMAT = "tiny_demo/2"                # /1: before the held-out loss and the study knobs
 # Settings a resumed run may change: where files are, how fast it runs, how often it saves. Any
@@ -1085,13 +945,11 @@ def ckpt_path(args, out, run):
                                  else f"{run.name}.pt")
 
 def save_checkpoint(path, model, ema, projector, opt, step, args, run, rec):
-    """All a resume needs, as plain tensors and values (torch.load(weights_only=True)); the data
-    position is `step` itself. Saved right after a log line: no loss is half summed."""
+    """All a resume needs, as plain tensors and values (torch.load(weights_only=True)). The
+    random state is `step` itself: every draw is a function of (seed, step)."""
     state = dict(format=CKPT_FORMAT, step=step, settings=vars(args), run=vars(run), record=rec,
                  model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                 projector=projector.state_dict() if projector is not None else {},
-                 rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
-                          if torch.cuda.is_available() else []))
+                 projector=projector.state_dict() if projector is not None else {})
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 def load_checkpoint(path, args, run, mmap=False):
@@ -1113,9 +971,9 @@ def load_checkpoint(path, args, run, mmap=False):
                and show(then.get(k)) != show(now.get(k))]
     name = lambda k: {"data_id": "the training data", "run": "the run's SRA 2 settings"}.get(
         k, "--" + k.replace("_", "-"))
-    diffs = "; ".join(f"{name(k)}: {show(then.get(k))} there, {show(now.get(k))} now"
-                      for k in changed[:3])
     if changed:
+        diffs = "; ".join(f"{name(k)}: {show(then.get(k))} there, {show(now.get(k))} now"
+                          for k in changed[:3])
         raise DemoError(f"--resume: {path} is from another run ({diffs}); {fix}, or resume with "
                         "its settings")
     return ckpt
@@ -1175,42 +1033,6 @@ def data_parallel(module, device):
         return module
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-def axis_ticks(lo, hi, log=False):
-    """Round ticks whose first is at or below lo and last at or above hi, so the axis spans them
-    and every gridline is labelled: 1-2-5 per decade on a log axis over 5x or more, else steps
-    of 1, 2 or 5 x 10^k (halved on a log axis until the first tick is above 0)."""
-    if log and hi > 5 * lo:
-        decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
-        ticks = [m * 10.0 ** e for e in decades for m in (1, 2, 5)]
-        first, last = max(v for v in ticks if v <= lo), min(v for v in ticks if v >= hi)
-        return [v for v in ticks if first <= v <= last]
-    raw = max(hi - lo, abs(hi) * 1e-6) / 4 or 1.0
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)),
-               key=lambda v: abs(v - raw))
-    while log and math.floor(lo / step) * step <= 0:
-        step /= 2
-    first, last = math.floor(lo / step), max(math.ceil(hi / step), math.floor(lo / step) + 1)
-    first -= first * step > lo                                 # float rounding of lo / step
-    last += last * step < hi
-    return [k * step for k in range(first, last + 1)]
-
-def thick_line(image, points, color, width):
-    """A polyline of the same thickness at every slope: the pixels whose centres lie within
-    width / 2 of a segment (pillow's wide lines come out thinner on shallow segments)."""
-    r, mask = width / 2, np.zeros((image.height, image.width), bool)
-    for (x0, y0), (x1, y1) in zip(points, points[1:] or points):
-        top, left = max(int(min(y0, y1) - r), 0), max(int(min(x0, x1) - r), 0)
-        bottom = min(int(max(y0, y1) + r) + 2, image.height)
-        yy, xx = np.mgrid[top:bottom, left:min(int(max(x0, x1) + r) + 2, image.width)] + 0.5
-        dx, dy = x1 - x0, y1 - y0                      # nearest point: (x0, y0) + s (dx, dy)
-        s = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy or 1), 0, 1)
-        near = np.hypot(xx - x0 - s * dx, yy - y0 - s * dy) <= r
-        mask[top:bottom, left:left + xx.shape[1]] |= near
-    image.paste(color, mask=Image.fromarray(mask))
-
 LOG_FILE = None                                     # out/log.txt: the log holds what the user saw
 
 def say(*lines):
@@ -1252,19 +1074,6 @@ def synced_clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
-
-def machine():
-    """What ran it: the commit (with '+changes' if the tree differed) and the hardware."""
-    git = lambda *a: subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *a],
-                                    capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        commit = commit + "+changes" * bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return dict(commit=commit or "unknown", platform=platform.platform(), cpu_count=os.cpu_count(),
-                processor=platform.processor() or platform.machine(), torch=torch.__version__,
-                python=platform.python_version())
 
 if __name__ == "__main__":
     main()

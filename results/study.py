@@ -263,7 +263,7 @@ def charts(records):
     """results/study_gap.png: each variant's held-out gap against its baseline at the last step,
     the mean (bar) and each screen seed (dot); results/confirm_*.png: both runs of the
     confirmation, mean (thick) and each seed (thin)."""
-    import tiny_demo
+    import plots
     rows = [(what, [gap(a, b) for a, b in screen_pairs(records, name)]) for name, (what, _, _) in VARIANTS.items()]
     rows = [(what.split(" (")[0], gaps) for what, gaps in rows if gaps]
     if rows:
@@ -283,7 +283,7 @@ def charts(records):
                        [100 * (a["loss"] / b["loss"] - 1) for a, b in zip(sra, base)], 3 + i))
     if series:
         series.append((None, [0, max(s[1][-1] for s in series)], [0, 0], 7, True))
-        tiny_demo.line_chart(HERE / "study_steps.png", series, "SRA 2 against its baseline: held-out loss gap "
+        plots.line_chart(HERE / "study_steps.png", series, "SRA 2 against its baseline: held-out loss gap "
                              "(%, below 0: SRA 2 better); screen: mean of seeds 0, 1", "training steps", "gap (%)")
     for key, metric, label in (("heldout", "loss", "held-out loss"), ("fid", "fid", "FID-250 (25-step SDE)")):
         series = []
@@ -297,7 +297,7 @@ def charts(records):
                            [sum(c) / len(c) for c in zip(*curves)], i))
             series += [(None, steps, c, i, True) for c in curves]
         if series:
-            tiny_demo.line_chart(HERE / f"confirm_{key}.png", series, f"{label}, cpu preset, SRA 2 with lambda 0.1 "
+            plots.line_chart(HERE / f"confirm_{key}.png", series, f"{label}, cpu preset, SRA 2 with lambda 0.1 "
                                  "(2 CPU cores)", "training steps", label, logy=True)
 
 
