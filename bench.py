@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import fid
+import demo_infra
 import sra2
 
 
@@ -208,7 +208,7 @@ def main(argv=None):
                                  extra=f"+{100 * (sra / base - 1):.1f}%")
             print(f"{name}: {base:.1f} GFLOP per image per training step, {sra:.1f} with SRA 2 "
                   f"({figures[name]['extra']})")
-        where = fid.machine()
+        where = demo_infra.machine()
         record = dict(command="python bench.py --flops", machine=where, commit=where["commit"],
                       settings="forward + backward per image, 32x32x4 latents, 1000 classes, "
                       "SRA 2's default projector (5 layers, width 2D) at the preset's block",

@@ -17,12 +17,9 @@ import argparse
 import contextlib
 import hashlib
 import os
-import platform
-import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,7 +46,7 @@ def _require(ok, message, error=ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Script utilities (tiny_demo.py uses them too): time, progress, files, machine, one-line errors
+# Script utilities (tiny_demo.py uses them too): time, progress line, atomic files, one-line errors
 
 def fmt_time(seconds):
     """3.2s, 42s, 7m05s."""
@@ -98,20 +95,6 @@ def atomic_write(path, write):
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def machine():
-    """What ran it: the commit (with '+changes' if the tree differed) and the hardware."""
-    git = lambda *a: subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *a],
-                                    capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        commit += "+changes" * bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return dict(commit=commit or "unknown", platform=platform.platform(), cpu_count=os.cpu_count(),
-                processor=platform.processor() or platform.machine(), torch=torch.__version__,
-                python=platform.python_version())
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -214,8 +197,8 @@ class FIDInceptionV3(nn.Module):
 
 
 def download(url, dest, checksum, algorithm="sha256"):
-    """Fetch url to dest with a progress line, checked against its hex digest (hashlib's
-    `algorithm`); a wrong or half-written file never appears as dest."""
+    """url -> dest with a progress line, its hashlib `algorithm` hex digest checked: a wrong or
+    half-written file never appears as dest."""
     def fetch(tmp):
         digest, bar = hashlib.new(algorithm), Progress(f"download {Path(dest).name}", None, "MiB")
         with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
@@ -281,9 +264,7 @@ def load_inception(weights=None, device="cpu"):
 def _as_nchw_uint8(images):
     """uint8 (N, H, W, 3) or (N, 3, H, W), numpy or torch -> (N, 3, H, W); (N, 3, H, 3) is NCHW."""
     if isinstance(images, np.ndarray):
-        with warnings.catch_warnings():  # read-only arrays (from PIL, mmap) are fine: never written
-            warnings.simplefilter("ignore", UserWarning)
-            images = torch.from_numpy(np.ascontiguousarray(images))
+        images = torch.from_numpy(np.require(images, requirements="CW"))  # read-only: a copy
     _require(images.dtype == torch.uint8, f"images must be uint8 in [0, 255], got {images.dtype}")
     _require(images.ndim == 4 and 3 in (images.shape[1], images.shape[3]), f"images must be RGB "
              f"with 3 channels, (N, H, W, 3) or (N, 3, H, W); got shape {tuple(images.shape)}")
@@ -548,9 +529,8 @@ def _run(args):
 
 def main(argv=None):
     def positive_int(text):  # argparse's error: "argument --batch-size: must be an integer >= 1"
-        with contextlib.suppress(ValueError):
-            if (value := int(text)) >= 1:
-                return value
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files")
     add = parser.add_argument

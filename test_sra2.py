@@ -37,8 +37,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import bench
+import demo_infra
 import fid
-import plots
 import sra2
 import tiny_demo
 
@@ -1515,12 +1515,12 @@ def test_cpu_preset_settings():
 def test_read_cifar_folder_and_archive_agree(tmp_path):
     folder, images, labels = write_cifar_folder(tmp_path / "data")
     for path in (folder, folder.parent):                               # the folder or its parent
-        got_images, got_labels = tiny_demo.read_cifar(path)
+        got_images, got_labels = demo_infra.read_cifar(path)
         assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
-    got_images, got_labels = tiny_demo.read_cifar(archive)
+    got_images, got_labels = demo_infra.read_cifar(archive)
     assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
 
 
@@ -1529,7 +1529,7 @@ def test_read_cifar_layout_is_rgb_planes():
     row = np.zeros((1, 3072), np.uint8)
     row[0, 0], row[0, 1024 + 33], row[0, 2048 + 1023] = 10, 20, 30     # R(0,0), G(1,1), B(31,31)
     raw = pickle.dumps({b"data": row, b"labels": [3]})
-    image, label = tiny_demo.parse_cifar_batch("x", raw)
+    image, label = demo_infra.parse_cifar_batch("x", raw)
     assert image[0, 0, 0, 0] == 10 and image[0, 1, 1, 1] == 20 and image[0, 31, 31, 2] == 30
     assert label[0] == 3
 
@@ -1545,7 +1545,7 @@ def test_download_keeps_only_a_verified_archive(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid.urllib.request, "urlopen", lambda *a, **k: Response(payload))
     with pytest.raises(tiny_demo.DemoError, match="could not download CIFAR-10 .*MD5 [0-9a-f]{32}"):
-        tiny_demo.download_cifar(tmp_path)
+        demo_infra.download_cifar(tmp_path)
     # nothing half-written survives
     assert list(tmp_path.iterdir()) == []
 
@@ -1554,12 +1554,12 @@ def test_download_keeps_only_a_verified_archive(tmp_path, monkeypatch):
             raise ConnectionResetError("connection reset")
     monkeypatch.setattr(fid.urllib.request, "urlopen", lambda *a, **k: Broken(payload))
     with pytest.raises(tiny_demo.DemoError, match="could not download"):
-        tiny_demo.download_cifar(tmp_path)
+        demo_infra.download_cifar(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.setattr(fid.urllib.request, "urlopen", lambda *a, **k: Response(payload))
-    monkeypatch.setattr(tiny_demo, "CIFAR_MD5", hashlib.md5(payload).hexdigest())
-    archive = tiny_demo.download_cifar(tmp_path)
+    monkeypatch.setattr(demo_infra, "CIFAR_MD5", hashlib.md5(payload).hexdigest())
+    archive = demo_infra.download_cifar(tmp_path)
     assert archive.read_bytes() == payload
     assert [p.name for p in tmp_path.iterdir()] == [archive.name]
 
@@ -1645,7 +1645,7 @@ def test_axis_ticks_enclose_the_data_so_every_gridline_is_labelled(lo, ratio, lo
     """The axis spans its first and last tick, so the lowest and highest points have a labelled
     gridline at or beyond them; ticks rise, and stay above 0 on a log axis."""
     hi = lo * ratio
-    ticks = plots.axis_ticks(lo, hi, log)
+    ticks = demo_infra.axis_ticks(lo, hi, log)
     assert ticks[0] <= lo and ticks[-1] >= hi and len(ticks) >= 2
     assert all(a < b for a, b in zip(ticks, ticks[1:])) and (ticks[0] > 0 or not log)
     assert len(ticks) <= 16                                            # readable, not a comb
@@ -1659,7 +1659,7 @@ def test_thick_lines_have_the_same_thickness_at_every_slope():
         for (x0, y0), (x1, y1) in [((10, 100), (190, 101)), ((10, 100), (190, 110)),
                                    ((10, 10), (190, 150)), ((100, 10), (110, 190))]:
             image = Image.new("L", (200, 200), 255)
-            plots.thick_line(image, [(x0, y0), (x1, y1)], 0, width)
+            demo_infra.thick_line(image, [(x0, y0), (x1, y1)], 0, width)
             pixels, angle = np.asarray(image) < 128, math.atan2(y1 - y0, x1 - x0)
             if abs(math.sin(angle)) < abs(math.cos(angle)):           # shallow: down the columns
                 across = pixels[:, 50:150].sum() / 100 * abs(math.cos(angle))
@@ -1680,12 +1680,12 @@ def test_cpu_estimate_names_each_part_and_grows_with_the_steps(tmp_path):
 
 
 def test_charts_and_grids_are_pngs(tmp_path):
-    plots.line_chart(tmp_path / "c.png", [("a", [1, 2, 3], [300, 100, 30]),
+    demo_infra.line_chart(tmp_path / "c.png", [("a", [1, 2, 3], [300, 100, 30]),
                                               ("b", [1, 2, 3], [310, 90, 25])],
                          "t", "x", "y", logy=True, note="note")
     with Image.open(tmp_path / "c.png") as image:
         assert image.size == (900, 560)
-    grid = np.asarray(plots.image_grid(np.full((3, 4, 5, 3), 7, np.uint8), ncol=2, pad=1))
+    grid = np.asarray(demo_infra.image_grid(np.full((3, 4, 5, 3), 7, np.uint8), ncol=2, pad=1))
     # 2 rows of 4 px, 2 cols of 5 px
     assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
     assert (grid[1:5, 1:6] == 7).all() and (grid[6:10, 7:12] == 255).all()   # 4th cell empty
@@ -2174,7 +2174,8 @@ def test_sampling_sharded_over_ranks_gives_the_same_images(monkeypatch):
     images = {}
     # rank 1 first: rank 0 then gathers both
     for rank in (1, 0):
-        monkeypatch.setattr(tiny_demo, "rank_and_world", lambda: (rank, 2))
+        for module in (tiny_demo, demo_infra):
+            monkeypatch.setattr(module, "rank_and_world", lambda: (rank, 2))
         monkeypatch.setattr(tiny_demo.dist, "all_gather_object", gather(rank))
         images[rank] = tiny_demo.generate(model, stage, 7, 2, s, torch.device("cpu"), "x")
     # 4 chunks of <= 2
@@ -2573,9 +2574,9 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     (["--model", "SiT-M/2"], "argument --model: invalid choice"),
     (["--align-loss", "huber"], "argument --align-loss: invalid choice"),
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--seed", "1,x"], "--seed '1,x': need an integer"),
-    (["--seed", "1,1"], "--seed '1,1': need distinct seeds"),
-    (["--seed", "4294967296"], "need distinct seeds in 0..2147483647"),
+    (["--seed", "1,x"], "--seed '1,x': need distinct integers in 0..2147483647"),
+    (["--seed", "1,01"], "--seed '1,01': need distinct integers"),
+    (["--seed", "4294967296"], "need distinct integers in 0..2147483647, comma-separated"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "0"], "--lr must be > 0, got 0"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1"),
@@ -2584,8 +2585,8 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     (["--target-scale", "0"], "--target-scale must be > 0, got 0"),
     (["--preset", "gpu"], "argument --preset: invalid choice: 'gpu'"),
     (["--clip", "both"], "argument --clip: invalid choice: 'both'"),
-    (["--runs", "sra3"], "--runs 'sra3': need baseline, sra2 or baseline,sra2"),
-    (["--runs", "sra2,sra2"], "--runs 'sra2,sra2': need baseline, sra2 or baseline,sra2"),
+    (["--runs", "sra3"], "argument --runs: invalid choice: 'sra3'"),
+    (["--runs", "sra2,sra2"], "argument --runs: invalid choice: 'sra2,sra2'"),
     (["--evals", "-1"], "--evals must be >= 0, got -1"),
     (["--heldout-evals", "-1"], "--heldout-evals must be >= 0, got -1"),
     (["--heldout-n", "5"], "--heldout-n must be >= 12 (one image per point of the t grid), got 5"),

@@ -8,25 +8,19 @@
     python tiny_demo.py ... --resume     # after a crash or a kill: the same flags, plus --resume
     torchrun --nproc_per_node=N tiny_demo.py   # N GPUs (DDP): the same run, the batch split N ways
 
-Top to bottom: settings; data; stage 1 (a small VAE, 32x32x3 -> 16x16x4, trained once and its
-latents cached: f_VAE exists before stage 2, the paper's premise); stage 2 (SiT trained twice on
-the same draws: the baseline, and SRA 2 with projector P on block align_depth pulled toward the
-clean latent); measure (held-out loss, FID); tables and pictures; main; then the infrastructure.
-Conventions are sra2.py's: t = 0 data, t = 1 noise, x_t = (1 - t) z + t eps, v = eps - z, and
-z (N, 4, 16, 16), the normalised VAE latent, is also f_VAE. The batch, t, eps and dropped labels
-of step k are functions of (seed, k) alone: both runs see them, a resumed run needs only k (it
-ends bit for bit where an uninterrupted one ends, on a CPU), torchrun's ranks take shares of one
-draw. FID-2k is biased upward against FID-50k: compare it only with itself.
+Stage 1 trains a small VAE (32x32x3 -> 16x16x4) once and caches its latents: f_VAE exists before
+stage 2, the paper's premise. Stage 2 trains SiT twice on the same draws: the baseline, and SRA 2
+(projector P on block align_depth pulled toward the clean latent z). Then the held-out loss, FID,
+tables and pictures. sra2.py's conventions: t = 0 data, x_t = (1 - t) z + t eps, v = eps - z. Step
+k's batch, t, eps and dropped labels are functions of (seed, k): both runs see them, a resumed run
+ends bit for bit where an uninterrupted one ends (on a CPU), torchrun's ranks share one draw.
+demo_infra.py holds what runs around the experiment: checkpoints, torchrun, data files, drawing.
 """
 import functools
-import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import sys
-import tarfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,17 +29,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 import fid
-import plots
 import sra2
+from demo_infra import (DemoError, FIDMeter, check_checkpoints, ckpt_path, data_parallel, digest,
+                        download_cifar, fmt, from_rank0, gather_chunks, line_chart, load_inception,
+                        machine, mean_record, panels, rank0_first, rank_and_world, read_cache,
+                        read_cifar, reference_path, resume, save_checkpoint, say, setup,
+                        synced_clock, synthetic_images, table, teardown, torchrun_world)
 from fid import OneLineParser, Progress, atomic_write, fmt_time
 
 # ============================================ Settings ============================================
 
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 VAE_SEED = 0             # one VAE for every --seed: stage 1 is given, as the SD-VAE is in the paper
 HELDOUT_T = 12           # the held-out set's t grid: (j + 0.5) / 12, image i at grid point i % 12
 HELDOUT_SEED = 20_260    # its noise: one fixed draw, the same for every run, seed and checkpoint
@@ -54,10 +49,9 @@ HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)
 DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2)),
                "small": ("SiT-S/2", dict(depth=8, hidden_size=128, num_heads=2))}
 PRESETS = ("full", "cpu", "quick")
-# Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all, and what it is.
-# full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; a run of minutes
-# needs more); cpu: the question on two CPU cores (README, Results); quick: every stage in seconds,
-# its numbers mean nothing (one thread: its ops are small). A flag given wins over the preset.
+# Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag given wins.
+# full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
+# cpu: two CPU cores (README, Results); quick: all stages in seconds, on one thread (small ops).
 KNOBS = {
     "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8)"),
     "steps": ([4000, 1200, 60], "training steps per run"),
@@ -65,7 +59,7 @@ KNOBS = {
     "lr": ([3e-4, 3e-4, 1e-3], "AdamW learning rate, the same for both runs"),
     "n_images": ([None, 10000, 1024], "use the first N training images (None: all)"),
     "seed": (["0", "0,1", "0"], "one seed, or several comma-separated"),
-    "runs": ("baseline,sra2", "which runs to train"),
+    "runs": ("baseline,sra2", "which runs to train: baseline,sra2, baseline or sra2"),
     "threads": ([None, 2, 1], "CPU threads (None: torch's)"),
     "log_every": ([50, 25, 5], "steps per log line"),
     "grad_clip": (1.0, "gradient norm clip"),
@@ -97,7 +91,8 @@ KNOBS = {
     "ckpt_minutes": (3.0, "checkpoint period, 0 = never"),
     "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
 CHOICES = {"model": [*sra2.PRESETS, *DEMO_MODELS], "clip": ["joint", "separate", "none"],
-           "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample"]}
+           "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample"],
+           "runs": ["baseline,sra2", "baseline", "sra2", "sra2,baseline"]}
 
 def parse_args(argv=None):
     """The settings: the preset's knobs, and the flags given over them."""
@@ -118,23 +113,22 @@ def parse_args(argv=None):
     add("--device", help="cuda, mps or cpu (default: cuda, then mps, then cpu)")
     for key, (values, text) in KNOBS.items():                 # default None: the preset's value
         values = values if isinstance(values, list) else [values] * 3
-        kind = type(next((v for v in values if v is not None), 0))
-        shown = "; ".join(f"{p} {v}" for p, v in zip(PRESETS, values)) if len(
-            set(map(str, values))) > 1 else values[0]
-        pair = dict(type=float, nargs=2, metavar=("LO", "HI")) if kind is tuple else dict(
-            type=kind, metavar="NAME" if key == "model" else None)
+        pair = isinstance(values[0], tuple)                   # --t-range LO HI
+        shown = values[0] if len(set(map(str, values))) == 1 else "; ".join(
+            map("{} {}".format, PRESETS, values))
         add("--" + key.replace("_", "-"), choices=CHOICES.get(key), help=f"{text} ({shown})",
-            **pair)
+            type=float if pair else type(next((v for v in values if v is not None), 0)),
+            nargs=2 if pair else None, metavar=("LO", "HI") if pair else {
+                "model": "NAME", "runs": "RUNS"}.get(key))
     args = parser.parse_args(argv)
-    args.argv, args.preset = list(sys.argv[1:] if argv is None else argv), \
-        "quick" if args.quick else args.preset
-    args.quick, args.data = args.preset == "quick", args.data or (
-        "synthetic" if args.preset == "quick" else None)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.preset = "quick" if args.quick else args.preset
+    args.quick, preset = args.preset == "quick", PRESETS.index(args.preset)
+    args.data = "synthetic" if args.quick and args.data is None else args.data
     args.evals = 1 if args.ablate and args.evals is None else args.evals   # Table 1: the end only
     for key, (values, _) in KNOBS.items():
         if getattr(args, key) is None:
-            setattr(args, key, values[PRESETS.index(args.preset)] if isinstance(values, list)
-                    else values)
+            setattr(args, key, values[preset] if isinstance(values, list) else values)
     return args
 
 def describe(args):
@@ -147,7 +141,54 @@ def describe(args):
             f"lr {args.lr:g}, {args.clip} clip {args.grad_clip:g}, seeds {args.seeds}, "
             f"{', '.join(args.runs)}; {heldout}; {fids}")
 
-# ======= Data: CIFAR-10 (downloaded once, MD5-checked, or --data PATH), or synthetic shapes =======
+# What each flag must be, in order: (flags, ok(value, args), need). A bad value gets one line,
+# "--flag must be <need>, got <value>" (or `need`, where it names the flag); None passes.
+FLAG_RULES = [
+    ("lr grad_clip ema_decay target_scale lam t_range ckpt_minutes vae_lr vae_kl",
+     lambda v, a: np.isfinite(v).all(), "a finite number"),
+    ("seed", lambda v, a: all(k.isdigit() and int(k) < 2**31 for k in v.split(",")) and len(
+        set(map(int, v.split(",")))) == v.count(",") + 1, "{flag} {v!r}: need distinct integers "
+     "in 0..2147483647, comma-separated"),
+    ("steps batch_size threads n_images vae_steps vae_batch vae_width sample_batch mlp_depth "
+     "mlp_width log_every latent_channels fid_sampling_steps final_sampling_steps",
+     lambda v, a: v >= 1, ">= 1"),
+    ("evals heldout_evals ckpt_every ckpt_minutes vae_kl lam", lambda v, a: v >= 0, ">= 0"),
+    ("lr grad_clip target_scale vae_lr", lambda v, a: v > 0, "> 0"),
+    ("fid_n fid_ref_n", lambda v, a: v >= 2, ">= 2 (FID needs a covariance)"),
+    ("final_fid_n", lambda v, a: v == 0 or v >= 2, ">= 2 (FID needs a covariance), or 0 for none"),
+    ("heldout_n", lambda v, a: v >= HELDOUT_T or not a.heldout_evals,
+     f">= {HELDOUT_T} (one image per point of the t grid)"),
+    ("ema_decay", lambda v, a: 0 <= v < 1, "in [0, 1)"),
+    ("t_range", lambda v, a: 0 <= v[0] < v[1] <= 1,
+     "LO HI with 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"),
+    ("batch_size", lambda v, a: v % torchrun_world() == 0, "{flag} {v} does not split evenly over "
+     "{world} processes (the global batch is shared out across torchrun's ranks)"),
+    ("vae_width", lambda v, a: v % 8 == 0, "a multiple of 8 (GroupNorm groups)"),
+    ("steps", lambda v, a: max(a.evals, a.heldout_evals) <= v,
+     "--evals {a.evals} / --heldout-evals {a.heldout_evals}: more than --steps {v}"),
+    ("align_depth", lambda v, a: 1 <= v <= model_config(a).depth,
+     "{flag} {v} is beyond {a.model}'s {depth} blocks (choose 1..{depth})")]
+
+def check(args):
+    """Every impossible setting as one line (FLAG_RULES), before any work; then the derived ones."""
+    config = model_config(args)
+    args.align_depth = config.align_depth if args.align_depth is None else args.align_depth
+    for names, ok, need in FLAG_RULES:
+        for name in (name for name in names.split() if getattr(args, name) is not None):
+            if not ok(value := getattr(args, name), args):
+                shown = value if isinstance(value, str) else " ".join(map("{:g}".format,
+                                                                          np.atleast_1d(value)))
+                line = need if "{flag}" in need or "--" in need else "{flag} must be %s, got {v}"
+                raise DemoError(line.replace("%s", need).format(
+                    flag="--" + name.replace("_", "-"), v=shown, a=args, world=torchrun_world(),
+                    depth=config.depth))
+    args.seeds = [int(seed) for seed in args.seed.split(",")]
+    args.seed, args.runs = args.seeds[0], args.runs.split(",")
+    fid_name = lambda n: f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"   # FID-2k, FID-250
+    args.ckpt_fid = f"{fid_name(args.fid_n)} {args.fid_sampling_steps}-step"
+    args.final_fid = f"{fid_name(args.final_fid_n)} {args.final_sampling_steps}-step"
+
+# ========= Data: CIFAR-10 or synthetic class shapes (demo_infra downloads, reads, draws) ==========
 
 def load_data(args, split="train"):
     """(images uint8 (n, 32, 32, 3), labels (n,), description): the first --n-images training
@@ -163,87 +204,6 @@ def load_data(args, split="train"):
         raise DemoError(f"--heldout-n {n}: the test split has {len(images)} images")
     return images[:n], labels[:n], f"CIFAR-10 {split} ({len(labels[:n])} images, from {source})"
 
-def synthetic_images(n, seed=0):
-    """Class-conditional stand-in for CIFAR-10 (tests, --quick): class k is a shape (k % 5: disc,
-    square, ring, bar, cross) in a hue of its own, at a random place and size, on a random dark
-    gradient. Learnable in seconds; NOT a benchmark."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
-    labels, images = rng.integers(0, 10, n), np.empty((n, 32, 32, 3), np.uint8)
-    for i, k in enumerate(labels):
-        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
-        dy, dx = yy - cy, xx - cx
-        mask = [dy**2 + dx**2 < r**2, np.maximum(abs(dy), abs(dx)) < r * 0.8,
-                abs(np.sqrt(dy**2 + dx**2) - r * 0.8) < 2, abs(dy) < r * 0.35,
-                (abs(dy) < 2) | (abs(dx) < 2)][k % 5] & (abs(dy) < r) & (abs(dx) < r)
-        color = 140 + 110 * np.cos((k / 10 + np.array([0, 1 / 3, 2 / 3])) * 2 * np.pi
-                                   + rng.normal(0, 0.15))
-        background = rng.uniform(0, 90, 3) * (0.5 + 0.5 * (yy / 31)[..., None])
-        images[i] = np.where(mask[..., None], color, background).clip(0, 255)
-    return images, labels.astype(np.int64)
-
-def read_cifar(path, split="train"):
-    """A split of CIFAR-10 from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
-    path = Path(path).expanduser()
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    if path.is_dir():
-        path = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        raws = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
-    elif path.is_file():
-        try:
-            with tarfile.open(path, "r:*") as tar:
-                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                raws = {n: tar.extractfile(members[n]).read() for n in names if n in members}
-        except Exception as error:                             # tarfile, gzip, zlib, OS errors
-            raise DemoError(f"{path}: corrupt or truncated archive ({type(error).__name__}: "
-                            f"{error})") from None
-    else:
-        raise DemoError(f"--data {path}: no such file or folder")
-    if missing := [n for n in names if n not in raws]:
-        kind = "a CIFAR-10 python folder" if path.is_dir() else "the CIFAR-10 python archive"
-        raise DemoError(f"--data {path}: not {kind} ({', '.join(missing)} missing)")
-    images, labels = zip(*(parse_cifar_batch(f"{path}/{n}", raws[n]) for n in names))
-    return np.concatenate(images), np.concatenate(labels)
-
-def parse_cifar_batch(name, raw):
-    """One pickled batch -> (images uint8 (n, 32, 32, 3), labels int64 (n,))."""
-    try:
-        batch = ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
-        ok = data.dtype == np.uint8 and data.shape[1:] == (3072,) and len(labels) == len(data)
-        problem = None if ok and ((labels >= 0) & (labels <= 9)).all() else (
-            f"data {data.dtype} {data.shape}, {len(labels)} labels; expected uint8 (n, 3072) "
-            "and n labels in 0..9")
-    except Exception as error:                                 # a bad pickle can raise anything
-        problem = f"{type(error).__name__}: {error}"
-    if problem:
-        raise DemoError(f"{name}: corrupt CIFAR-10 batch file ({problem})")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels    # R,G,B planes -> NHWC
-
-class ArrayUnpickler(pickle.Unpickler):
-    """Numpy arrays and plain values only: a doctored data file cannot run code."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
-        (f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in
-        (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-def download_cifar(cache):
-    """The official archive in `cache`, downloaded once; only a file with the right MD5 is kept."""
-    archive = Path(cache) / "cifar-10-python.tar.gz"
-    if archive.is_file() and hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR_MD5:
-        raise DemoError(f"{archive}: MD5 mismatch (corrupt file); delete it to download again")
-    if not archive.is_file():
-        say(f"downloading CIFAR-10 (163 MiB) to {archive}")
-        try:
-            fid.download(CIFAR_URL, archive, CIFAR_MD5, "md5")
-        except (OSError, ValueError) as error:
-            raise DemoError(f"could not download CIFAR-10 ({error}); pass --data PATH to a local "
-                            "copy (a cifar-10-batches-py folder or the .tar.gz)") from None
-    return archive
 # ============= Stage 1: the VAE whose latents SiT denoises, and SRA 2's target f_VAE ==============
 
 class ResBlock(nn.Module):
@@ -307,14 +267,13 @@ def train_vae(images, args, device):
 @torch.no_grad()
 def encode(vae, images, device, label="stage 1: encoding"):
     """uint8 images (N, 32, 32, 3) -> posterior means and stds, 2 x (N, C, 16, 16) on the CPU."""
-    means, stds, bar = [], [], Progress(label, len(images), "img")
+    parts, bar = [], Progress(label, len(images), "img")
     for i in range(0, len(images), 1000):
         mean, logvar = vae.encode(to_float(torch.from_numpy(images[i:i + 1000].copy()).to(device)))
-        means.append(mean.float().cpu())
-        stds.append((0.5 * logvar.float()).exp().cpu())
+        parts.append((mean.float().cpu(), (0.5 * logvar.float()).exp().cpu()))
         bar.update(i + len(mean))
     bar.close()
-    return torch.cat(means), torch.cat(stds)
+    return tuple(torch.cat(part) for part in zip(*parts))
 
 def stage1_path(args, data_id):
     settings = dict(width=args.vae_width, channels=args.latent_channels, kl=args.vae_kl,
@@ -431,8 +390,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     loss and FID at their checkpoints; returns its record. Every rank runs it; rank 0 saves."""
     rank, world = rank_and_world()
     model, projector = build(args, run, device)
-    ema = sra2.create_ema(model)
-    sit_params = [p for p in model.parameters() if p.requires_grad]
+    ema, sit_params = sra2.create_ema(model), [p for p in model.parameters() if p.requires_grad]
     p_params = list(projector.parameters()) if projector else []
     opt = torch.optim.AdamW(sit_params + p_params, lr=args.lr, weight_decay=0,
                             fused=device.type == "cuda")
@@ -447,17 +405,10 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     rec = dict(name=run.name, label=run.label, seed=args.seed, settings=run.settings,
                params=count(model), projector_params=count(projector), log=[], heldout=[],
                evals=[], grids={}, wall=0.0, heldout_seconds=0.0, clipped=0)
-    path, start = ckpt_path(args, out, run), 0
-    if args.resume and path.is_file():                         # checked before any work (main)
-        ckpt = load_checkpoint(path, args, run)
-        for module, key in ((model, "model"), (ema, "ema"), (projector, "projector"),
-                            (opt, "optimizer")):
-            module is None or module.load_state_dict(ckpt[key])
-        start, rec = ckpt["step"], {**rec, **ckpt["record"]}
-        say(f"{run.label}: " + ("finished; its record is reused" if "final_fid" in rec else
-                                f"resumed at step {start}") + f" ({path})")
-        if "final_fid" in rec:
-            return rec
+    start, rec = resume(path := ckpt_path(args, out, run), args, run, rec, model=model, ema=ema,
+                        projector=projector, optimizer=opt)
+    if "final_fid" in rec:                                     # finished: its record is reused
+        return rec
     net, proj = data_parallel(model, device), data_parallel(projector, device)
     forward = torch.compile(net) if args.compile else net
     latents, labels = stage.latents.to(device), torch.as_tensor(labels).to(device)
@@ -541,13 +492,13 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     if rank == 0 and (args.ckpt_minutes > 0 or args.ckpt_every > 0):   # the finished run
         save_checkpoint(path, model, ema, projector, opt, args.steps, args, run, rec)
     return rec
-# =============================== Measure: the held-out loss and FID ===============================
+
+# ========================= Measure: the held-out loss, samples for FID ============================
 
 @torch.no_grad()
 def heldout_set(args, stage, device):
-    """--heldout-n test images as posterior-mean latents (normalised like the training ones),
-    image i at t = (j + 0.5) / HELDOUT_T with j = i mod HELDOUT_T, and one fixed noise draw:
-    every run, seed and checkpoint is judged on the same (z, y, t, eps)."""
+    """--heldout-n test images as normalised posterior-mean latents z, image i at t = (i mod 12 +
+    0.5) / 12, one fixed eps: every run, seed and checkpoint is judged on the same (z, y, t, eps)."""
     images, labels, _ = load_data(args, "test")
     z = (encode(stage.vae, images, device, "held-out set")[0] - stage.shift) * stage.scale
     grid = (torch.arange(HELDOUT_T, dtype=torch.float64) + 0.5) / HELDOUT_T
@@ -557,9 +508,8 @@ def heldout_set(args, stage, device):
 
 @torch.no_grad()
 def heldout_loss(model, held, batch=100):
-    """The denoising term on the held-out set, |v_theta(x_t, t, y) - v|^2 with v = eps - z, mean
-    over C, H, W and images; overall and per band of t (low t: little noise). Labels always given
-    (eval mode), float32 without autocast (TF32 matmuls on CUDA, as in training)."""
+    """The denoising term |v_theta(x_t, t, y) - (eps - z)|^2 on the held-out set, overall and per
+    band of t (low t: little noise); labels given, float32 without autocast (TF32 on CUDA)."""
     per_image = []
     with torch.autocast(held.z.device.type, enabled=False):
         for z, y, t, eps in zip(*(v.split(batch) for v in (held.z, held.y, held.t, held.eps))):
@@ -570,32 +520,10 @@ def heldout_loss(model, held, batch=100):
              for name, (lo, hi) in HELDOUT_BANDS.items()}
     return dict(loss=per_image.mean().item(), **bands)
 
-class FIDMeter:
-    """FID of uint8 images against the (cached) Inception statistics of the training images;
-    fid.frechet_distance is exact also for the singular covariance of fewer than 2048 images."""
-
-    def __init__(self, args, images, data_id, device):
-        self.device, n_ref = device, min(args.fid_ref_n, len(images))
-        self.model, path = load_inception(args, device), reference_path(args, data_id, n_ref)
-        stats = read_cache(path, lambda: fid.load_statistics(path))
-        if stats is None:
-            say(f"FID reference: Inception statistics of {n_ref} training images (then cached)")
-            stats = self.statistics(images[:n_ref])
-            atomic_write(path, lambda tmp: fid.save_statistics(tmp, *stats, "tf"))
-        self.mu, self.sigma = stats
-
-    def statistics(self, images):          # small batches on a CPU: the progress line moves
-        return fid.compute_statistics(images, self.model, 200 if self.device.type == "cuda" else 50,
-                                      self.device, progress=True)
-
-    def __call__(self, images):
-        return fid.frechet_distance(self.mu, self.sigma, *self.statistics(images))
-
 @torch.no_grad()
 def generate(model, stage, n, num_steps, args, device, label):
-    """n images (uint8 NHWC) from the papers' Euler-Maruyama SDE, no CFG; image i has class i % 10.
-    Chunk c's noise comes from a generator seeded by (seed, c): matched across runs and steps, and
-    the same when torchrun's rank r samples chunks r, r + world, ... (all ranks get all n)."""
+    """n images (uint8 NHWC) from the papers' Euler-Maruyama SDE, no CFG, image i of class i % 10;
+    chunk c's noise is seeded by (seed, c): matched across runs, steps and torchrun's ranks."""
     rank, world = rank_and_world()
     mine = list(enumerate((torch.arange(n, device=device) % 10).split(args.sample_batch)))[
         rank::world]
@@ -609,16 +537,11 @@ def generate(model, stage, n, num_steps, args, device, label):
         done.append((chunk, decode(stage, z)))
         bar.update(sum(len(images) for _, images in done))
     bar.close()
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, done)                         # CPU uint8 images, small
-        done = sorted((part for parts in gathered for part in parts), key=lambda part: part[0])
-    return torch.cat([images for _, images in done])
+    return torch.cat([images for _, images in gather_chunks(done)])
 
 def reach(xs, fids, target):
-    """(x from which the curve, linear between checkpoints, stays at FID <= target to its end,
-    exact): the last crossing counts, since a noisy curve can dip below and come back up. x is
-    None if it ends above; exact is False when it is below from the first checkpoint on."""
+    """(x from which the piecewise-linear curve stays at FID <= target: its last crossing, as a noisy
+    curve can dip and come back; exact): x None if it ends above, exact False if below throughout."""
     if fids[-1] > target:
         return None, True
     above = [i for i, f in enumerate(fids) if f > target]
@@ -637,9 +560,8 @@ def report(args, runs, records, out, card, data, quick, seconds):
         records = {**records, **{(name, "mean"): mean_record([records[name, k] for k in seeds])
                                  for name in names}}
         seeds = [*seeds, "mean"]
-    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}",
-             *([quick] if quick else []), f"data: {data}", describe(args),
-             f"SRA 2: {make_run(args, 'sra2', '', True).settings}",
+    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}", *[quick] * bool(
+        quick), f"data: {data}", describe(args), f"SRA 2: {make_run(args, '', '', True).settings}",
              f"FID: EMA weights, no CFG, against {args.fid_ref_n} training images, tf convention"]
     for seed in seeds[-1:] if args.ablate else seeds:
         lines += ["", *seed_table(args, runs, records, seed)]
@@ -649,12 +571,12 @@ def report(args, runs, records, out, card, data, quick, seconds):
     (out / "table.txt").write_text("\n".join(lines) + "\n")
     if not args.ablate:
         pictures(args, records, names, out, quick)
-    results = dict(settings=vars(args), card=card, machine=fid.machine(), data=data,
+    results = dict(settings=vars(args), card=card, machine=machine(), data=data,
                    total_seconds=seconds, step_fraction_to_baseline_fid=speedups, runs=[
                        {k: v for k, v in r.items() if k not in ("grids", "final_grid")}
                        for (_, seed), r in records.items() if seed != "mean"])
-    atomic_write(out / "results.json",
-                 lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=str)))
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1,
+                                                                             default=str)))
 
 def seed_table(args, runs, records, seed):
     """Table 2 (Table 1 with --ablate) of one seed: each run as it ends; SRA 2's held-out gap to
@@ -676,11 +598,10 @@ def seed_table(args, runs, records, seed):
              "SiT)") + (f"; held-out loss: the denoising term on {args.heldout_n} test images at a "
                         "fixed t grid and noise, EMA weights, in brackets SRA 2 - baseline"
                         if args.heldout_evals else "")
-    if args.ablate:
-        return [title, *plots.table(["design", "setting", *heads], [
-            [group, setting, *row(records[run.name, seed])] for group, setting, run in runs])]
-    return [title, *plots.table(["model", "params", *heads],
-                                [[r["label"], f"{r['params'] / 1e6:.1f}M", *row(r)] for r in recs])]
+    rows = [[group, setting, *row(records[run.name, seed])] for group, setting, run in runs] if \
+        args.ablate else [[r["label"], f"{r['params'] / 1e6:.1f}M", *row(r)] for r in recs]
+    return [title, *table((["design", "setting"] if args.ablate else ["model", "params"]) + heads,
+                          rows)]
 
 def pair_lines(args, base, sra, speedups):
     """The clipping, the time per step, and the speed-up: the fraction of the steps SRA 2 needs
@@ -705,18 +626,6 @@ def pair_lines(args, base, sra, speedups):
                         f"({'' if exact else 'at most: already at its first checkpoint; '}wall-"
                         f"clock {fmt_time(wall)} against {fmt_time(base['wall'])})")]
 
-def mean_record(recs):
-    """The seeds' average run: every number of its curves, checkpoint by checkpoint."""
-    mean = lambda values: None if None in values else sum(values) / len(values)
-    average = lambda curves: [{k: es[0][k] if k == "step" else mean([e[k] for e in es])
-                               for k in es[0]} for es in zip(*curves)]
-    return dict(recs[0], seed="mean", label=recs[0]["label"] + " (mean)",
-                wall=mean([r["wall"] for r in recs]), final_fid=mean([r["final_fid"] for r in recs]),
-                **{key: average([r[key] for r in recs]) for key in ("log", "heldout", "evals")})
-
-def fmt(value, spec=".2f"):
-    return "-" if value is None else format(value, spec)
-
 def pictures(args, records, names, out, quick):
     """Every run's curves as line charts; the matched sample grids of the first seed."""
     runs = [records[name, seed] for seed in args.seeds for name in names]
@@ -724,33 +633,33 @@ def pictures(args, records, names, out, quick):
         r["label"] + (f" (seed {r['seed']})" if len(args.seeds) > 1 else "") + what,
         [e[x] for e in r[key]], [e[y] for e in r[key]])
     fid_title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on 16x16x{args.latent_channels}"
-    charts = [("loss_curves", [curve(r, "log", "step", term, f": {term}") for r in runs
-                               for term in ("denoise", "align")[:1 + bool(r["projector_params"])]],
-               f"training losses (mean over {args.log_every} steps)", "training steps", "loss")]
-    charts += [("fid_vs_steps", [curve(r, "evals", "step", "fid") for r in runs], fid_title,
-                "training steps", "FID"),
-               ("fid_vs_time", [curve(r, "evals", "wall", "fid") for r in runs], fid_title,
-                "training wall-clock (s, evaluations excluded)", "FID")] * bool(args.evals)
-    charts += [("heldout_loss", [curve(r, "heldout", "step", "loss") for r in runs],
-                f"held-out denoising loss, {args.heldout_n} test images (EMA)", "training steps",
-                "loss")] * bool(args.heldout_evals)
-    for name, series, title, xlabel, ylabel in charts:
-        plots.line_chart(out / f"{name}.png", series, title, xlabel, f"{ylabel} (log scale)",
-                         True, quick)
+    for name, key, x, y, title, xlabel in [
+            ("loss_curves", "log", "step", "", f"training losses (mean over {args.log_every} "
+             "steps)", "training steps"),
+            *[("fid_vs_steps", "evals", "step", "fid", fid_title, "training steps"),
+              ("fid_vs_time", "evals", "wall", "fid", fid_title, "training wall-clock (s, "
+               "evaluations excluded)")] * bool(args.evals),
+            *[("heldout_loss", "heldout", "step", "loss", f"held-out denoising loss, "
+               f"{args.heldout_n} test images (EMA)", "training steps")] * (args.heldout_evals > 0)
+    ]:
+        series = [curve(r, key, x, y) for r in runs] if y else [
+            curve(r, key, x, term, f": {term}") for r in runs
+            for term in ("denoise", "align")[:1 + bool(r["projector_params"])]]
+        line_chart(out / f"{name}.png", series, title, xlabel, ("FID" if y == "fid" else "loss") +
+                   " (log scale)", True, quick)
     if names != ["baseline", "sra2"]:
         return
     base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]
-    grids = [(f"step{b['step']:06d}", args.ckpt_fid, b["fid"], a["fid"], base["grids"][b["step"]],
-              sra["grids"][a["step"]], f"step {b['step']}: same noise, same labels (image i has "
-              "class i % 10)") for b, a in zip(base["evals"], sra["evals"])]
+    for b, a in zip(base["evals"], sra["evals"]):
+        panels(out / f"samples_step{b['step']:06d}.png", [
+            (f"baseline, {args.ckpt_fid} {b['fid']:.1f}", base["grids"][b["step"]]),
+            (f"SRA 2, {args.ckpt_fid} {a['fid']:.1f}", sra["grids"][a["step"]])],
+            f"step {b['step']}: same noise, same labels (image i has class i % 10)", quick)
     if args.final_fid_n:
-        grids.append(("final", args.final_fid, base["final_fid"], sra["final_fid"],
-                      base["final_grid"], sra["final_grid"],
-                      f"step {args.steps}, {args.final_sampling_steps}-step SDE"))
-    for name, what, fid_base, fid_sra, grid_base, grid_sra, title in grids:
-        plots.panels(out / f"samples_{name}.png", [(f"baseline, {what} {fid_base:.1f}", grid_base),
-                                                   (f"SRA 2, {what} {fid_sra:.1f}", grid_sra)],
-                     title, quick)
+        panels(out / "samples_final.png", [
+            (f"baseline, {args.final_fid} {base['final_fid']:.1f}", base["final_grid"]),
+            (f"SRA 2, {args.final_fid} {sra['final_fid']:.1f}", sra["final_grid"])],
+            f"step {args.steps}, {args.final_sampling_steps}-step SDE", quick)
 
 # ============================================== Main ==============================================
 
@@ -767,12 +676,9 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":                 # every rank fails alike; one says so
             print("tiny_demo: error: " + " ".join(str(error).split()), file=sys.stderr)
         raise SystemExit(2)
-    finally:
-        global LOG_FILE
-        LOG_FILE = None
-        torch.set_num_threads(threads)                         # main() may be called in-process
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    finally:                                                   # main() may be called in-process
+        torch.set_num_threads(threads)
+        teardown()
 
 def experiment(args, device, out, card):
     """Data, stage 1, the runs of every seed, tables and pictures; returns the records."""
@@ -788,7 +694,7 @@ def experiment(args, device, out, card):
         ("", "", make_run(args, name, label, name == "sra2")) for name, label in
         (("baseline", args.model), ("sra2", f"{args.model} + SRA 2")) if name in args.runs]
     check_checkpoints(args, runs, out)                        # before any work or any write
-    say(f"tiny_demo on {card}: {data}", *([quick] if quick else []), describe(args))
+    say(f"tiny_demo on {card}: {data}", *[quick] * bool(quick), describe(args))
     uses_fid = args.evals > 0 or args.final_fid_n > 0
     if device.type == "cpu" and not args.quick and rank == 0:
         say(estimate(args, device, runs, args.data_id, uses_fid))
@@ -799,281 +705,46 @@ def experiment(args, device, out, card):
     # (and compared) only on the same latents.
     data += f"; stage 1 {stage.file}, latent shift {stage.shift:+.6f}, scale {stage.scale:.6f}"
     if rank == 0:
-        plots.panels(out / "vae_reconstructions.png", [
-            ("real", images[:50]), ("VAE reconstruction", decode(stage, stage.latents[0, :50].to(
-                device)))], f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3",
-            quick)
+        recon = decode(stage, stage.latents[0, :50].to(device))
+        panels(out / "vae_reconstructions.png", [("real", images[:50]), ("VAE reconstruction",
+               recon)], f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3", quick)
     records = {}                                              # (run name, seed) -> record
     for args.seed in args.seeds:
-        for _, _, run in runs:
-            if (run.name, args.seed) not in records:
-                records[run.name, args.seed] = train_run(run, stage, labels, args, device,
-                                                         fid_meter, out)
+        for run in (run for _, _, run in runs if (run.name, args.seed) not in records):
+            records[run.name, args.seed] = train_run(run, stage, labels, args, device, fid_meter,
+                                                     out)
     args.seed = args.seeds[0]
     if rank == 0:
         report(args, runs, records, out, card, data, quick, time.perf_counter() - tic)
     return records
 
-# ========== Infrastructure: flag checks, setup, estimate, checkpoints, DDP, log and cache =========
-
-class DemoError(Exception):
-    """A problem with the user's input: main() prints it as one line and exits with status 2."""
-
-# What each flag must be, checked in this order: (flags, ok(value, args), need). A bad value gets
-# one line, "--flag must be <need>, got <value>", or `need` itself where it names the flag. A
-# value of None (left open by the preset) passes.
-FLAG_RULES = [
-    ("lr grad_clip ema_decay target_scale lam t_range ckpt_minutes vae_lr vae_kl",
-     lambda v, a: np.isfinite(v).all(), "a finite number"),
-    ("seed", lambda v, a: all(k.isdigit() for k in v.split(",")),
-     "{flag} {v!r}: need an integer or comma-separated integers"),
-    ("seed", lambda v, a: len(set(map(int, v.split(",")))) == v.count(",") + 1
-     and max(map(int, v.split(","))) < 2**31, "{flag} {v!r}: need distinct seeds in 0..2147483647"),
-    ("steps batch_size threads n_images vae_steps vae_batch vae_width sample_batch mlp_depth "
-     "mlp_width log_every latent_channels fid_sampling_steps final_sampling_steps",
-     lambda v, a: v >= 1, ">= 1"),
-    ("evals heldout_evals ckpt_every ckpt_minutes vae_kl lam", lambda v, a: v >= 0, ">= 0"),
-    ("lr grad_clip target_scale vae_lr", lambda v, a: v > 0, "> 0"),
-    ("fid_n fid_ref_n", lambda v, a: v >= 2, ">= 2 (FID needs a covariance)"),
-    ("final_fid_n", lambda v, a: v == 0 or v >= 2, ">= 2 (FID needs a covariance), or 0 for none"),
-    ("heldout_n", lambda v, a: v >= HELDOUT_T or not a.heldout_evals,
-     f">= {HELDOUT_T} (one image per point of the t grid)"),
-    ("ema_decay", lambda v, a: 0 <= v < 1, "in [0, 1)"),
-    ("t_range", lambda v, a: 0 <= v[0] < v[1] <= 1,
-     "LO HI with 0 <= LO < HI <= 1 (t = 0 data, t = 1 noise)"),
-    ("runs", lambda v, a: v in ("baseline", "sra2", "baseline,sra2", "sra2,baseline"),
-     "{flag} {v!r}: need baseline, sra2 or baseline,sra2"),
-    ("batch_size", lambda v, a: v % torchrun_world() == 0, "{flag} {v} does not split evenly over "
-     "{world} processes (the global batch is shared out across torchrun's ranks)"),
-    ("vae_width", lambda v, a: v % 8 == 0, "a multiple of 8 (GroupNorm groups)"),
-    ("steps", lambda v, a: max(a.evals, a.heldout_evals) <= v,
-     "--evals {a.evals} / --heldout-evals {a.heldout_evals}: more than --steps {v}"),
-    ("align_depth", lambda v, a: 1 <= v <= model_config(a).depth,
-     "{flag} {v} is beyond {a.model}'s {depth} blocks (choose 1..{depth})")]
-
-def check(args):
-    """Every impossible setting as one line (FLAG_RULES), before any work; then the derived ones."""
-    config = model_config(args)
-    args.align_depth = config.align_depth if args.align_depth is None else args.align_depth
-    for names, ok, need in FLAG_RULES:
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and not ok(value, args):
-                shown = value if isinstance(value, str) else " ".join(
-                    f"{x:g}" for x in np.atleast_1d(value))
-                line = need if "{flag}" in need or "--" in need else "{flag} must be " + need + \
-                    ", got {v}"
-                raise DemoError(line.format(flag="--" + name.replace("_", "-"), v=shown, a=args,
-                                            world=torchrun_world(), depth=config.depth))
-    args.seeds = [int(seed) for seed in args.seed.split(",")]
-    args.seed, args.runs = args.seeds[0], args.runs.split(",")
-    fid_name = lambda n: f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"   # FID-2k, FID-250
-    args.ckpt_fid = f"{fid_name(args.fid_n)} {args.fid_sampling_steps}-step"
-    args.final_fid = f"{fid_name(args.final_fid_n)} {args.final_sampling_steps}-step"
-
-def setup(args):
-    """The device, torchrun's process group, threads, the output folder and its log; the card."""
-    global LOG_FILE
-    try:
-        device = sra2.pick_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise DemoError(f"--device {args.device}: {error}") from None
-    if torchrun_world() > 1 and not dist.is_initialized():
-        if device.type not in ("cuda", "cpu"):
-            raise DemoError(f"torchrun on {device.type}: use CUDA (NCCL) or --device cpu (gloo)")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a GPU each
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)      # OpenMP threads spin-wait: few for small ops
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")             # TF32 outside autocast
-        torch.backends.cudnn.benchmark = True
-    rank, world = rank_and_world()
-    try:
-        Path(args.cache).mkdir(parents=True, exist_ok=True)
-        if rank == 0:                                          # the other ranks write nothing
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            LOG_FILE = Path(args.out) / "log.txt"              # a run's log starts with its command
-            with open(LOG_FILE, "a") as f:
-                f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: tiny_demo.py "
-                        f"{' '.join(args.argv)}\n")
-    except OSError as error:
-        raise DemoError(f"cannot create --out/--cache folder ({error})") from None
-    card = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    return device, Path(args.out), card + (f" x {world} processes (DDP)" if world > 1 else "")
-
 def estimate(args, device, runs, data_id, uses_fid):
-    """The run's time on this CPU, from timed calls of each part scaled by the settings."""
-    def seconds(fn):                                           # the faster of 2, after a warm-up
-        return min(np.diff([(fn(), time.perf_counter())[1] for _ in range(3)]))
+    """The run's time on this CPU: timed calls of each part (the faster of two, after a warm-up)
+    scaled by the settings; a sampler step costs a third of a training step."""
+    timed = lambda fn, n: min(np.diff([(fn(), time.perf_counter())[1] for _ in range(3)])) / n
     b, n_runs = min(args.batch_size, 64), len({run.name for _, _, run in runs}) * len(args.seeds)
     model, projector = build(args, make_run(args, "sra2", "", True), device)
     z, y = torch.randn(b, args.latent_channels, 16, 16), torch.zeros(b, dtype=torch.long)
-    sit = seconds(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward()) / b
+    sit = timed(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b)
     vae = VAE(args.vae_width, args.latent_channels)
-    vae_step = seconds(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
-                       .backward()) / b * args.vae_batch
-    net = load_inception(args, device) if uses_fid else None     # fails here without weights
-    inception = seconds(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)))
-                        ) / 4 if uses_fid else 0
-    sampled = args.evals * args.fid_n * args.fid_sampling_steps + args.heldout_evals * \
-        args.heldout_n + args.final_fid_n * args.final_sampling_steps  # a forward: 1/3 of a step
-    per_run = (args.steps * args.batch_size + sampled / 3) * sit + inception * (
-        args.evals * args.fid_n + args.final_fid_n)
-    parts = {"stage 1": 0 if stage1_path(args, data_id).is_file() else args.vae_steps * vae_step,
+    net = load_inception(args, device) if uses_fid else None   # fails here without the weights
+    vae_image = timed(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
+                      .backward(), b)
+    inception = timed(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))),
+                      4) if uses_fid else 0
+    sampled = args.evals * args.fid_n * args.fid_sampling_steps + args.final_fid_n * \
+        args.final_sampling_steps + args.heldout_evals * args.heldout_n   # forward passes
+    parts = {"stage 1": 0 if stage1_path(args, data_id).is_file() else
+             args.vae_steps * args.vae_batch * vae_image,
              "FID reference": 0 if not uses_fid or reference_path(args, data_id, args.fid_ref_n)
-             .is_file() else args.fid_ref_n * inception, f"{n_runs} runs": n_runs * per_run}
+             .is_file() else args.fid_ref_n * inception,
+             f"{n_runs} runs": n_runs * ((args.steps * args.batch_size + sampled / 3) * sit +
+                                        inception * (args.evals * args.fid_n + args.final_fid_n))}
     total = sum(parts.values())
     return (("note: a long run on a CPU: " if total > 1800 else "") + f"about {fmt_time(total)} "
             "here (" + ", ".join(f"{k} {fmt_time(v)}" for k, v in parts.items() if v) +
             "; from timed steps of each part)" + ("; --preset cpu is made for two cores"
                                                   if args.preset == "full" else ""))
-
-CKPT_FORMAT = "tiny_demo/2"                # /1: before the held-out loss and the study knobs
-# Settings a resumed run may change: where files are, how fast it runs, how often it saves. Any
-# other difference would make it a different run.
-RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume",
-               "ckpt_minutes", "ckpt_every", "runs", "preset", "argv", "seed", "seeds", "quick",
-               "ablate"}
-
-def ckpt_path(args, out, run):
-    """out/ckpt/<run>.pt; with several seeds, <run>-seed<k>.pt."""
-    return Path(out) / "ckpt" / (f"{run.name}-seed{args.seed}.pt" if len(args.seeds) > 1
-                                 else f"{run.name}.pt")
-
-def save_checkpoint(path, model, ema, projector, opt, step, args, run, rec):
-    """All a resume needs, as plain tensors and values (torch.load(weights_only=True)). The
-    random state is `step` itself: every draw is a function of (seed, step)."""
-    state = dict(format=CKPT_FORMAT, step=step, settings=vars(args), run=vars(run), record=rec,
-                 model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                 projector=projector.state_dict() if projector is not None else {})
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-def load_checkpoint(path, args, run, mmap=False):
-    """The checkpoint at `path`, checked to be this run's (the one place that compares saved
-    settings with the current ones), else one clear line. Nothing is written or moved here."""
-    fix = "nothing was changed; move it away to start this run over"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:                                 # torn, not torch, doctored
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise DemoError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: "
-                        f"{reason}); {fix}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise DemoError(f"--resume: {path} is not a {CKPT_FORMAT} checkpoint; {fix}")
-    show = lambda value: json.dumps(value, sort_keys=True, default=str)
-    then = {**ckpt["settings"], "run": ckpt["run"], "seed": ckpt["record"]["seed"]}
-    now = {**vars(args), "run": vars(run)}
-    changed = [k for k in sorted(set(then) | set(now)) if (k not in RESUME_FREE or k == "seed")
-               and show(then.get(k)) != show(now.get(k))]
-    name = lambda k: {"data_id": "the training data", "run": "the run's SRA 2 settings"}.get(
-        k, "--" + k.replace("_", "-"))
-    if changed:
-        diffs = "; ".join(f"{name(k)}: {show(then.get(k))} there, {show(now.get(k))} now"
-                          for k in changed[:3])
-        raise DemoError(f"--resume: {path} is from another run ({diffs}); {fix}, or resume with "
-                        "its settings")
-    return ckpt
-
-def check_checkpoints(args, runs, out):
-    """Before any work. --resume: every checkpoint there must be readable and this run's.
-    Without it: an unfinished run's checkpoint is never overwritten by a fresh start."""
-    found = False
-    for args.seed in args.seeds:
-        for path, run in ((ckpt_path(args, out, run), run) for _, _, run in runs):
-            if path.is_file() and args.resume:
-                found = load_checkpoint(path, args, run, mmap=True) is not None
-            elif path.is_file():
-                try:
-                    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception:                              # unreadable: nothing to lose
-                    continue
-                if "final_fid" not in ckpt["record"]:
-                    raise DemoError(f"{path} holds an unfinished run (step {ckpt['step']} of "
-                                    f"{ckpt['settings'].get('steps')}): pass --resume to continue "
-                                    "it, or move it away to start over")
-    args.seed = args.seeds[0]
-    if args.resume and not found:
-        say(f"--resume: no checkpoint in {Path(out) / 'ckpt'}; starting from scratch")
-
-def torchrun_world():
-    return int(os.environ.get("WORLD_SIZE", "1"))                # set by torchrun
-
-def rank_and_world():
-    """(rank, number of processes): (0, 1) unless started by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-def rank0_first(fn, *args):
-    """fn(*args) on rank 0 first (it downloads, trains stage 1, writes the cache), then on the
-    others, which find the cache. A rank 0 that fails still releases the others (finally)."""
-    rank, world = rank_and_world()
-    if rank > 0:
-        dist.barrier()
-    try:
-        return fn(*args)
-    finally:
-        if rank == 0 and world > 1:
-            dist.barrier()
-
-def from_rank0(fn, *args):
-    """fn(*args) on rank 0 only (one Inception, not one per GPU), its value sent to every rank."""
-    value = [fn(*args) if rank_and_world()[0] == 0 else None]
-    if rank_and_world()[1] > 1:
-        dist.broadcast_object_list(value, src=0)
-    return value[0]
-
-def data_parallel(module, device):
-    """Under torchrun, DDP: every rank starts from rank 0's weights and gradients are averaged.
-    SiT and P get a wrapper each (training_loss calls them in turn); every parameter of both
-    gets a gradient every step, so DDP's unused-parameter error cannot occur."""
-    if module is None or rank_and_world()[1] == 1:
-        return module
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
-
-LOG_FILE = None                                     # out/log.txt: the log holds what the user saw
-
-def say(*lines):
-    """Print (rank 0) and append to LOG_FILE."""
-    if rank_and_world()[0] == 0:
-        print(*lines, sep="\n", flush=True)
-        if LOG_FILE is not None:
-            with open(LOG_FILE, "a") as f:
-                f.write("".join(line + "\n" for line in lines))
-
-def read_cache(path, load):
-    """load() of a cache file, or None if there is none or it is unreadable (then it is built
-    again: a cache holds nothing that cannot be made again)."""
-    try:
-        return load() if Path(path).is_file() else None
-    except Exception as error:
-        say(f"note: cache file {path} is unreadable ({type(error).__name__}); building it again")
-
-def digest(*parts):
-    """Short hash of JSON-able settings and byte strings: the cache key."""
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-def load_inception(args, device):
-    try:                                                   # fid.py names a file that is no weights
-        return fid.load_inception(args.inception, device)
-    except ValueError as error:
-        raise DemoError(f"--inception {error}") from None
-
-def reference_path(args, data_id, n_ref):
-    weights = Path(args.inception) if args.inception else None
-    key = digest(data_id, n_ref, "tf", weights.name if weights else "default",
-                 weights.stat().st_size if weights else 0)
-    return Path(args.cache) / f"fid-ref-{key}.npz"
-
-def synced_clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 if __name__ == "__main__":
     main()
