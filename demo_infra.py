@@ -1,7 +1,10 @@
-"""demo_infra.py: what tiny_demo.py needs around its experiment, kept out of the reader's way:
-the device and torchrun, the run's folder and log, checkpoints that resume exactly and are never
-overwritten by a fresh start, caches, and PNG charts and image grids drawn with PIL alone (no
-matplotlib; results/study.py draws with them too). Nothing here is part of the method."""
+"""demo_infra.py: what tiny_demo.py needs around its experiment, kept out of the reader's way.
+Sections: the run (device and torchrun, folder and log, the CPU time estimate, the commit and
+machine); the data (CIFAR-10 downloaded once with its MD5, read without unpickling code, and
+synthetic shapes for tests and --quick); checkpoints that resume exactly and are never overwritten
+by a fresh start, caches, and FID against a cached reference; records (the seeds' mean), PNG
+charts and image grids drawn with PIL alone (results/study.py draws with them too), text tables.
+Nothing here is part of the method."""
 import hashlib
 import io
 import json
@@ -22,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fid
 import sra2
-from fid import atomic_write
+from fid import atomic_write, fmt_time
 
 
 class DemoError(Exception):
@@ -101,6 +104,24 @@ def machine():
                 python=platform.python_version())
 
 
+def estimate(args, per_image, n_runs, have_stage1, have_reference):
+    """A run's time on this CPU: `per_image` seconds (SiT + P training step "sit", VAE training
+    step "vae", Inception pass "inception") scaled by the settings; a sampler step or a held-out
+    image costs a third of a training step. What is cached already costs nothing."""
+    fid_images = args.evals * args.fid_n + args.final_fid_n
+    forwards = args.evals * args.fid_n * args.fid_sampling_steps + args.final_fid_n * \
+        args.final_sampling_steps + args.heldout_evals * args.heldout_n
+    parts = {"stage 1": 0 if have_stage1 else args.vae_steps * args.vae_batch * per_image["vae"],
+             "FID reference": 0 if have_reference else args.fid_ref_n * per_image["inception"],
+             f"{n_runs} runs": n_runs * ((args.steps * args.batch_size + forwards / 3) *
+                                        per_image["sit"] + fid_images * per_image["inception"])}
+    total = sum(parts.values())
+    return (("note: a long run on a CPU: " if total > 1800 else "") + f"about {fmt_time(total)} "
+            "here (" + ", ".join(f"{k} {fmt_time(v)}" for k, v in parts.items() if v) +
+            "; from timed steps of each part)" + ("; --preset cpu is made for two cores"
+                                                  if args.preset == "full" else ""))
+
+
 def torchrun_world():
     return int(os.environ.get("WORLD_SIZE", "1"))                # set by torchrun
 
@@ -168,9 +189,9 @@ def read_cifar(path, split="train"):
     """A split of CIFAR-10 from a cifar-10-batches-py folder (or its parent) or the .tar.gz."""
     path = Path(path).expanduser()
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    where = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
     if path.is_dir():
-        path = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        raws = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
+        raws = {n: (where / n).read_bytes() for n in names if (where / n).is_file()}
     elif path.is_file():
         try:
             with tarfile.open(path, "r:*") as tar:
@@ -184,7 +205,7 @@ def read_cifar(path, split="train"):
     if missing := [n for n in names if n not in raws]:
         kind = "a CIFAR-10 python folder" if path.is_dir() else "the CIFAR-10 python archive"
         raise DemoError(f"--data {path}: not {kind} ({', '.join(missing)} missing)")
-    images, labels = zip(*(parse_cifar_batch(f"{path}/{n}", raws[n]) for n in names))
+    images, labels = zip(*(parse_cifar_batch(f"{where}/{n}", raws[n]) for n in names))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -225,7 +246,9 @@ def download_cifar(cache):
         say(f"downloading CIFAR-10 (163 MiB) to {archive}")
         try:
             fid.download(CIFAR_URL, archive, CIFAR_MD5, "md5")
-        except (OSError, ValueError) as error:
+        except ValueError as error:                            # the MD5: nothing was kept
+            raise DemoError(f"{error}; run again") from None
+        except OSError as error:
             raise DemoError(f"could not download CIFAR-10 ({error}); pass --data PATH to a local "
                             "copy (a cifar-10-batches-py folder or the .tar.gz)") from None
     return archive

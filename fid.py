@@ -197,15 +197,16 @@ class FIDInceptionV3(nn.Module):
 
 
 def download(url, dest, checksum, algorithm="sha256"):
-    """url -> dest with a progress line, its hashlib `algorithm` hex digest checked: a wrong or
-    half-written file never appears as dest."""
+    """url -> dest with progress, its `algorithm` digest checked: never a wrong or partial dest."""
     def fetch(tmp):
-        digest, bar = hashlib.new(algorithm), Progress(f"download {Path(dest).name}", None, "MiB")
+        digest = hashlib.new(algorithm)
         with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) >> 20 or None
+            bar = Progress(f"downloading {dest}", size, "MiB", file=sys.stderr)
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-                bar.update(f.tell() >> 20)
+                bar.update(f.tell() >> 20, force=f.tell() <= 1 << 20)  # the first line at once
         bar.close()
         _require((got := digest.hexdigest()) == checksum,
                  f"{url}: {algorithm.upper()} {got}, expected {checksum} (corrupt transfer)")
@@ -234,7 +235,6 @@ def load_inception(weights=None, device="cpu"):
     path = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or None
     if path is None and not cached.is_file():
         try:
-            print(f"downloading FID Inception weights to {cached}", file=sys.stderr)
             download(FID_WEIGHTS_URL, cached, FID_WEIGHTS_SHA256)
         except Exception as error:
             raise FileNotFoundError(f"no FID Inception weights ({error}): pass a local copy of "

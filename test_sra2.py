@@ -1,6 +1,6 @@
-"""Tests for sra2.py, fid.py and tiny_demo.py: oracles (the same quantity computed two ways) and
-invariants, fast on a CPU. Grouped as the files are: model, interpolant, alignment, samplers,
-training, FID and Inception Score, the demo, bad input, CUDA, benchmark.
+"""Tests for sra2.py, fid.py, tiny_demo.py and demo_infra.py: oracles (the same quantity computed
+two ways) and invariants, fast on a CPU. Grouped as the files are: model, interpolant, alignment,
+samplers, training, FID and Inception Score, the demo, bad input, CUDA, benchmark.
 
 Run: python -m pytest -q                  (everything, as CI does)
      python -m pytest -q -m "not slow"    (without the end-to-end demo runs, the subprocess and
@@ -1390,8 +1390,9 @@ def test_fid_cli_saves_folder_statistics_and_names_the_convention(tmp_path, caps
 
 
 # =============================================================================================
-# The demo (tiny_demo.py): its pieces against independent computations, the held-out loss, the
-# whole pipeline with tiny settings, exact resume after SIGKILL, torchrun DDP equal to one process
+# The demo (tiny_demo.py, demo_infra.py): its pieces against independent computations, the
+# held-out loss, the whole pipeline with tiny settings, exact resume after SIGKILL, torchrun DDP
+# equal to one process
 # =============================================================================================
 
 
@@ -1499,6 +1500,25 @@ def test_fid_meter_is_fid_py_against_the_cached_reference(tmp_path):
         tiny_demo.digest("test", 30, "tf", INCEPTION.name, INCEPTION.stat().st_size))).is_file()
 
 
+def test_fid_meter_is_fid_py_against_its_cached_reference(tmp_path, monkeypatch):
+    """FIDMeter with a cheap stand-in network (6 features an image): its reference is the first
+    fid_ref_n images' statistics, cached once; a FID is fid.frechet_distance of
+    fid.compute_statistics."""
+    class MeanStd(torch.nn.Module):
+        def forward(self, x):                                          # (N, 3, 299, 299) -> (N, 6)
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1), None
+    monkeypatch.setattr(fid, "load_inception", lambda *args: MeanStd())
+    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--fid-ref-n", "30"])
+    images = tiny_demo.synthetic_images(40, seed=2)[0]
+    meter = tiny_demo.FIDMeter(s, images, "d", torch.device("cpu"))
+    mu, sigma = fid.compute_statistics(images[:30], MeanStd(), device="cpu")
+    assert np.allclose(meter.mu, mu, atol=1e-12) and np.allclose(meter.sigma, sigma, atol=1e-12)
+    expected = fid.frechet_distance(mu, sigma, *fid.compute_statistics(images[30:], MeanStd(),
+                                                                      device="cpu"))
+    assert meter(images[30:]) == pytest.approx(expected, rel=1e-9) and expected > 0
+    assert len(list(tmp_path.glob("fid-ref-*.npz"))) == 1
+
+
 def test_cpu_preset_settings():
     s = tiny_demo.parse_args(["--preset", "cpu"])
     tiny_demo.check(s)
@@ -1544,7 +1564,7 @@ def test_download_keeps_only_a_verified_archive(tmp_path, monkeypatch):
             return self
 
     monkeypatch.setattr(fid.urllib.request, "urlopen", lambda *a, **k: Response(payload))
-    with pytest.raises(tiny_demo.DemoError, match="could not download CIFAR-10 .*MD5 [0-9a-f]{32}"):
+    with pytest.raises(tiny_demo.DemoError, match="MD5 [0-9a-f]{32}, expected .*run again"):
         demo_infra.download_cifar(tmp_path)
     # nothing half-written survives
     assert list(tmp_path.iterdir()) == []
@@ -1672,11 +1692,21 @@ def test_cpu_estimate_names_each_part_and_grows_with_the_steps(tmp_path):
     args = tiny_demo.parse_args(["--preset", "cpu", "--model", "tiny", "--batch-size", "4",
                                  "--vae-width", "8", "--vae-batch", "4", "--cache", str(tmp_path)])
     tiny_demo.check(args)
-    runs = [("", "", tiny_demo.make_run(args, name, name, name == "sra2"))
-            for name in ("baseline", "sra2")]
-    line = tiny_demo.estimate(args, torch.device("cpu"), runs, "data", uses_fid=False)
+    per_image = tiny_demo.time_per_image(args, torch.device("cpu"), uses_fid=False)
+    assert per_image["sit"] > 0 and per_image["vae"] > 0 and per_image["inception"] == 0
+    line = demo_infra.estimate(args, per_image, 4, have_stage1=False, have_reference=True)
     assert re.fullmatch(r"(note: a long run on a CPU: )?about \S+ here \(stage 1 \S+, 4 runs \S+; "
                         r"from timed steps of each part\)", line), line
+    # The arithmetic, by hand: cpu preset, batch 4, 1 ms per image per training step, 2 ms per VAE
+    # image, 10 ms per Inception image. A run: (1200 x 4 + (3 x 250 x 25 + 8 x 1000) / 3) x 1 ms
+    # + 3 x 250 x 10 ms = 21.2 s; stage 1: 400 x 4 x 2 ms = 3.2 s; reference: 1000 x 10 ms = 10 s.
+    unit = dict(sit=1e-3, vae=2e-3, inception=1e-2)
+    assert demo_infra.estimate(args, unit, 2, False, False) == (
+        "about 56s here (stage 1 3.2s, FID reference 10s, 2 runs 42s; from timed steps of each "
+        "part)")
+    args.steps *= 2                                                    # + 2 x 4800 x 1 ms
+    assert demo_infra.estimate(args, unit, 2, True, True) == (
+        "about 52s here (2 runs 52s; from timed steps of each part)")
 
 
 def test_charts_and_grids_are_pngs(tmp_path):
@@ -2032,6 +2062,21 @@ def test_resume_from_a_bad_checkpoint_is_one_line_and_changes_nothing(reference_
     assert expected in line and "baseline.pt" in line and "nothing was changed" in line, line
     # nothing written, nothing lost
     assert file_states(out) == before
+
+
+def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
+    """results/study.py's record() on a results.json that tiny_demo.report wrote: a confirmation
+    pair (both runs) and a screen run (one), each with its command, commit and machine."""
+    root, _ = reference_run
+    spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for job in (study.CONFIRM[0], study.QUEUE[0]):
+        (tmp_path / job).mkdir()
+        shutil.copy(root / "out" / "results.json", tmp_path / job / "results.json")
+        made = study.record(job, tmp_path)
+        assert {"command", "commit", "machine"} <= set(made) and "tiny_demo.py" in made["command"]
+    assert set(study.record(study.CONFIRM[0], tmp_path)["runs"]) == {"baseline", "sra2"}
 
 
 def test_resume_with_other_settings_names_them(reference_run, tmp_path, capsys):
@@ -2510,6 +2555,9 @@ def test_folder_without_batches(tmp_path, capsys):
     line = error_line(capsys, [*TINY, "--data", str(tmp_path / "empty"),
                                "--out", str(tmp_path / "o")])
     assert "not a CIFAR-10 python folder" in line and "data_batch_1" in line
+    (tmp_path / "parent" / "cifar-10-batches-py").mkdir(parents=True)       # the parent is named
+    line = error_line(capsys, [*TINY, "--data", str(tmp_path / "parent"), "--out", str(tmp_path)])
+    assert f"--data {tmp_path / 'parent'}: not a CIFAR-10 python folder" in line, line
 
 
 def test_corrupt_batch_file(tmp_path, capsys):

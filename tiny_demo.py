@@ -14,6 +14,7 @@ stage 2, the paper's premise. Stage 2 trains SiT twice on the same draws: the ba
 tables and pictures. sra2.py's conventions: t = 0 data, x_t = (1 - t) z + t eps, v = eps - z. Step
 k's batch, t, eps and dropped labels are functions of (seed, k): both runs see them, a resumed run
 ends bit for bit where an uninterrupted one ends (on a CPU), torchrun's ranks share one draw.
+FID-2k is biased upward against FID-50k (and FID-250 more so): compare each only with itself.
 demo_infra.py holds what runs around the experiment: checkpoints, torchrun, data files, drawing.
 """
 import functools
@@ -33,10 +34,10 @@ import torch.nn as nn
 import fid
 import sra2
 from demo_infra import (DemoError, FIDMeter, check_checkpoints, ckpt_path, data_parallel, digest,
-                        download_cifar, fmt, from_rank0, gather_chunks, line_chart, load_inception,
-                        machine, mean_record, panels, rank0_first, rank_and_world, read_cache,
-                        read_cifar, reference_path, resume, save_checkpoint, say, setup,
-                        synced_clock, synthetic_images, table, teardown, torchrun_world)
+                        download_cifar, estimate, fmt, from_rank0, gather_chunks, line_chart,
+                        load_inception, machine, mean_record, panels, rank0_first, rank_and_world,
+                        read_cache, read_cifar, reference_path, resume, save_checkpoint, say,
+                        setup, synced_clock, synthetic_images, table, teardown, torchrun_world)
 from fid import OneLineParser, Progress, atomic_write, fmt_time
 
 # ============================================ Settings ============================================
@@ -49,7 +50,7 @@ HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)
 DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2)),
                "small": ("SiT-S/2", dict(depth=8, hidden_size=128, num_heads=2))}
 PRESETS = ("full", "cpu", "quick")
-# Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag given wins.
+# Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag wins.
 # full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
 # cpu: two CPU cores (README, Results); quick: all stages in seconds, on one thread (small ops).
 KNOBS = {
@@ -114,8 +115,8 @@ def parse_args(argv=None):
     for key, (values, text) in KNOBS.items():                 # default None: the preset's value
         values = values if isinstance(values, list) else [values] * 3
         pair = isinstance(values[0], tuple)                   # --t-range LO HI
-        shown = values[0] if len(set(map(str, values))) == 1 else "; ".join(
-            map("{} {}".format, PRESETS, values))
+        shown = "%g %g" % values[0] if pair else values[0] if len(set(map(str, values))) == 1 \
+            else "; ".join(map("{} {}".format, PRESETS, values))
         add("--" + key.replace("_", "-"), choices=CHOICES.get(key), help=f"{text} ({shown})",
             type=float if pair else type(next((v for v in values if v is not None), 0)),
             nargs=2 if pair else None, metavar=("LO", "HI") if pair else {
@@ -146,7 +147,7 @@ def describe(args):
 FLAG_RULES = [
     ("lr grad_clip ema_decay target_scale lam t_range ckpt_minutes vae_lr vae_kl",
      lambda v, a: np.isfinite(v).all(), "a finite number"),
-    ("seed", lambda v, a: all(k.isdigit() and int(k) < 2**31 for k in v.split(",")) and len(
+    ("seed", lambda v, a: all(k.isdecimal() and int(k) < 2**31 for k in v.split(",")) and len(
         set(map(int, v.split(",")))) == v.count(",") + 1, "{flag} {v!r}: need distinct integers "
      "in 0..2147483647, comma-separated"),
     ("steps batch_size threads n_images vae_steps vae_batch vae_width sample_batch mlp_depth "
@@ -174,14 +175,16 @@ def check(args):
     config = model_config(args)
     args.align_depth = config.align_depth if args.align_depth is None else args.align_depth
     for names, ok, need in FLAG_RULES:
-        for name in (name for name in names.split() if getattr(args, name) is not None):
-            if not ok(value := getattr(args, name), args):
-                shown = value if isinstance(value, str) else " ".join(map("{:g}".format,
-                                                                          np.atleast_1d(value)))
-                line = need if "{flag}" in need or "--" in need else "{flag} must be %s, got {v}"
-                raise DemoError(line.replace("%s", need).format(
-                    flag="--" + name.replace("_", "-"), v=shown, a=args, world=torchrun_world(),
-                    depth=config.depth))
+        for name in names.split():
+            value = getattr(args, name)
+            if value is None or ok(value, args):
+                continue
+            shown = value if isinstance(value, str) else " ".join(
+                f"{x:g}" for x in np.atleast_1d(value))
+            line = need if "{flag}" in need or "--" in need else "{flag} must be " + need + \
+                ", got {v}"
+            raise DemoError(line.format(flag="--" + name.replace("_", "-"), v=shown, a=args,
+                                        world=torchrun_world(), depth=config.depth))
     args.seeds = [int(seed) for seed in args.seed.split(",")]
     args.seed, args.runs = args.seeds[0], args.runs.split(",")
     fid_name = lambda n: f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID-{n}"   # FID-2k, FID-250
@@ -405,8 +408,9 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     rec = dict(name=run.name, label=run.label, seed=args.seed, settings=run.settings,
                params=count(model), projector_params=count(projector), log=[], heldout=[],
                evals=[], grids={}, wall=0.0, heldout_seconds=0.0, clipped=0)
-    start, rec = resume(path := ckpt_path(args, out, run), args, run, rec, model=model, ema=ema,
-                        projector=projector, optimizer=opt)
+    path = ckpt_path(args, out, run)
+    start, rec = resume(path, args, run, rec, model=model, ema=ema, projector=projector,
+                        optimizer=opt)
     if "final_fid" in rec:                                     # finished: its record is reused
         return rec
     net, proj = data_parallel(model, device), data_parallel(projector, device)
@@ -498,7 +502,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
 @torch.no_grad()
 def heldout_set(args, stage, device):
     """--heldout-n test images as normalised posterior-mean latents z, image i at t = (i mod 12 +
-    0.5) / 12, one fixed eps: every run, seed and checkpoint is judged on the same (z, y, t, eps)."""
+    0.5) / 12, one fixed eps: every run, seed and checkpoint is judged on the same z, y, t, eps."""
     images, labels, _ = load_data(args, "test")
     z = (encode(stage.vae, images, device, "held-out set")[0] - stage.shift) * stage.scale
     grid = (torch.arange(HELDOUT_T, dtype=torch.float64) + 0.5) / HELDOUT_T
@@ -525,8 +529,8 @@ def generate(model, stage, n, num_steps, args, device, label):
     """n images (uint8 NHWC) from the papers' Euler-Maruyama SDE, no CFG, image i of class i % 10;
     chunk c's noise is seeded by (seed, c): matched across runs, steps and torchrun's ranks."""
     rank, world = rank_and_world()
-    mine = list(enumerate((torch.arange(n, device=device) % 10).split(args.sample_batch)))[
-        rank::world]
+    chunks = list(enumerate((torch.arange(n, device=device) % 10).split(args.sample_batch)))
+    mine = chunks[rank::world]                                         # this rank's chunks
     done, bar = [], Progress(f"  sampling {label}", sum(len(y) for _, y in mine), "img")
     for chunk, y in mine:
         generator = torch.Generator(device).manual_seed(10_007 * (args.seed + 1) + chunk)
@@ -540,8 +544,9 @@ def generate(model, stage, n, num_steps, args, device, label):
     return torch.cat([images for _, images in gather_chunks(done)])
 
 def reach(xs, fids, target):
-    """(x from which the piecewise-linear curve stays at FID <= target: its last crossing, as a noisy
-    curve can dip and come back; exact): x None if it ends above, exact False if below throughout."""
+    """(x from which the piecewise-linear curve stays at FID <= target: its last crossing, as a
+    noisy curve can dip and come back; exact): x None if it ends above, exact False if always
+    below."""
     if fids[-1] > target:
         return None, True
     above = [i for i, f in enumerate(fids) if f > target]
@@ -560,8 +565,9 @@ def report(args, runs, records, out, card, data, quick, seconds):
         records = {**records, **{(name, "mean"): mean_record([records[name, k] for k in seeds])
                                  for name in names}}
         seeds = [*seeds, "mean"]
-    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}", *[quick] * bool(
-        quick), f"data: {data}", describe(args), f"SRA 2: {make_run(args, '', '', True).settings}",
+    lines = [f"tiny_demo results, {time.strftime('%Y-%m-%d %H:%M')}, on {card}",
+             *([quick] if quick else []), f"data: {data}", describe(args),
+             f"SRA 2: {make_run(args, '', '', True).settings}",
              f"FID: EMA weights, no CFG, against {args.fid_ref_n} training images, tf convention"]
     for seed in seeds[-1:] if args.ablate else seeds:
         lines += ["", *seed_table(args, runs, records, seed)]
@@ -633,20 +639,20 @@ def pictures(args, records, names, out, quick):
         r["label"] + (f" (seed {r['seed']})" if len(args.seeds) > 1 else "") + what,
         [e[x] for e in r[key]], [e[y] for e in r[key]])
     fid_title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on 16x16x{args.latent_channels}"
-    for name, key, x, y, title, xlabel in [
-            ("loss_curves", "log", "step", "", f"training losses (mean over {args.log_every} "
-             "steps)", "training steps"),
-            *[("fid_vs_steps", "evals", "step", "fid", fid_title, "training steps"),
-              ("fid_vs_time", "evals", "wall", "fid", fid_title, "training wall-clock (s, "
-               "evaluations excluded)")] * bool(args.evals),
-            *[("heldout_loss", "heldout", "step", "loss", f"held-out denoising loss, "
-               f"{args.heldout_n} test images (EMA)", "training steps")] * (args.heldout_evals > 0)
-    ]:
-        series = [curve(r, key, x, y) for r in runs] if y else [
-            curve(r, key, x, term, f": {term}") for r in runs
-            for term in ("denoise", "align")[:1 + bool(r["projector_params"])]]
-        line_chart(out / f"{name}.png", series, title, xlabel, ("FID" if y == "fid" else "loss") +
-                   " (log scale)", True, quick)
+    series = lambda key, x, y: [curve(r, key, x, y) for r in runs]
+    losses = [curve(r, "log", "step", term, f": {term}") for r in runs
+              for term in ("denoise", "align")[:1 + bool(r["projector_params"])]]
+    charts = [("loss_curves", losses, f"training losses (mean over {args.log_every} steps)",
+               "training steps", "loss")]
+    if args.evals:
+        charts += [("fid_vs_steps", series("evals", "step", "fid"), fid_title, "training steps",
+                    "FID"), ("fid_vs_time", series("evals", "wall", "fid"), fid_title,
+                             "training wall-clock (s, evaluations excluded)", "FID")]
+    if args.heldout_evals:
+        charts += [("heldout_loss", series("heldout", "step", "loss"), "held-out denoising loss, "
+                    f"{args.heldout_n} test images (EMA)", "training steps", "loss")]
+    for name, lines, title, xlabel, ylabel in charts:
+        line_chart(out / f"{name}.png", lines, title, xlabel, f"{ylabel} (log scale)", True, quick)
     if names != ["baseline", "sra2"]:
         return
     base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]
@@ -694,10 +700,13 @@ def experiment(args, device, out, card):
         ("", "", make_run(args, name, label, name == "sra2")) for name, label in
         (("baseline", args.model), ("sra2", f"{args.model} + SRA 2")) if name in args.runs]
     check_checkpoints(args, runs, out)                        # before any work or any write
-    say(f"tiny_demo on {card}: {data}", *[quick] * bool(quick), describe(args))
+    say(f"tiny_demo on {card}: {data}", *([quick] if quick else []), describe(args))
     uses_fid = args.evals > 0 or args.final_fid_n > 0
-    if device.type == "cpu" and not args.quick and rank == 0:
-        say(estimate(args, device, runs, args.data_id, uses_fid))
+    if device.type == "cpu" and not args.quick and rank == 0:    # long runs say so at once
+        n_runs = len({run.name for _, _, run in runs}) * len(args.seeds)
+        say(estimate(args, time_per_image(args, device, uses_fid), n_runs,
+                     stage1_path(args, args.data_id).is_file(), not uses_fid or
+                     reference_path(args, args.data_id, args.fid_ref_n).is_file()))
     fid_meter = FIDMeter(args, images, args.data_id, device) if rank == 0 and uses_fid else None
     stage = rank0_first(stage1, images, args.data_id, args, device)    # rank 0 trains it
     stage.heldout = heldout_set(args, stage, device) if args.heldout_evals else None
@@ -718,33 +727,19 @@ def experiment(args, device, out, card):
         report(args, runs, records, out, card, data, quick, time.perf_counter() - tic)
     return records
 
-def estimate(args, device, runs, data_id, uses_fid):
-    """The run's time on this CPU: timed calls of each part (the faster of two, after a warm-up)
-    scaled by the settings; a sampler step costs a third of a training step."""
-    timed = lambda fn, n: min(np.diff([(fn(), time.perf_counter())[1] for _ in range(3)])) / n
-    b, n_runs = min(args.batch_size, 64), len({run.name for _, _, run in runs}) * len(args.seeds)
+def time_per_image(args, device, uses_fid):
+    """Seconds per image, on this CPU, of a SiT + P training step, a VAE training step and an
+    Inception pass (the faster of two timed calls after two warm-ups): for demo_infra.estimate."""
+    timed = lambda fn, n: min(np.diff([(fn(), time.perf_counter())[1] for _ in range(4)])[1:]) / n
+    b = min(args.batch_size, 64)
     model, projector = build(args, make_run(args, "sra2", "", True), device)
     z, y = torch.randn(b, args.latent_channels, 16, 16), torch.zeros(b, dtype=torch.long)
-    sit = timed(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b)
     vae = VAE(args.vae_width, args.latent_channels)
     net = load_inception(args, device) if uses_fid else None   # fails here without the weights
-    vae_image = timed(lambda: vae.decode(vae.encode(torch.zeros(b, 3, 32, 32))[0]).mean()
-                      .backward(), b)
-    inception = timed(lambda: net(fid.preprocess(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))),
-                      4) if uses_fid else 0
-    sampled = args.evals * args.fid_n * args.fid_sampling_steps + args.final_fid_n * \
-        args.final_sampling_steps + args.heldout_evals * args.heldout_n   # forward passes
-    parts = {"stage 1": 0 if stage1_path(args, data_id).is_file() else
-             args.vae_steps * args.vae_batch * vae_image,
-             "FID reference": 0 if not uses_fid or reference_path(args, data_id, args.fid_ref_n)
-             .is_file() else args.fid_ref_n * inception,
-             f"{n_runs} runs": n_runs * ((args.steps * args.batch_size + sampled / 3) * sit +
-                                        inception * (args.evals * args.fid_n + args.final_fid_n))}
-    total = sum(parts.values())
-    return (("note: a long run on a CPU: " if total > 1800 else "") + f"about {fmt_time(total)} "
-            "here (" + ", ".join(f"{k} {fmt_time(v)}" for k, v in parts.items() if v) +
-            "; from timed steps of each part)" + ("; --preset cpu is made for two cores"
-                                                  if args.preset == "full" else ""))
+    blank = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)                # 4 black images
+    return dict(sit=timed(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b),
+                vae=timed(lambda: vae.decode(vae.encode(to_float(blank))[0]).mean().backward(), 4),
+                inception=timed(lambda: net(fid.preprocess(blank)), 4) if uses_fid else 0.0)
 
 if __name__ == "__main__":
     main()

@@ -95,7 +95,7 @@ def record(job, work):
     if job in CONFIRM:                                             # both runs, and the whole pair's time
         return dict(job=job, seed=s["seed"], command=" ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]]),
                     commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
-                    pair_seconds=res["total_seconds"], floor=res["floor"],
+                    pair_seconds=res["total_seconds"],
                     runs={r["name"]: dict(settings=r["settings"], train_seconds=r["wall"], heldout=r["heldout"],
                                           heldout_seconds=r.get("heldout_seconds", 0.0), fid=r["evals"],
                                           steps_above_clip=r.get("clipped", 0), final=r["log"][-1])
