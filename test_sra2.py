@@ -1485,7 +1485,7 @@ def assert_same_checkpoint(a, b, atol=0.0):
 
 @pytest.mark.slow
 @needs_shared(INCEPTION)
-def test_fid_meter_is_fid_py_against_the_cached_reference(tmp_path):
+def test_fid_meter_with_the_real_inception_is_fid_py(tmp_path):
     """FIDMeter: the reference is the first fid_ref_n images' statistics, cached under a key of
     data, count and weights; a FID is fid.frechet_distance of fid.compute_statistics."""
     s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--inception", str(INCEPTION)])
