@@ -155,9 +155,10 @@ def from_rank0(fn, *args):
 def gather_chunks(mine):
     """Under torchrun, every rank's (index, tensor) chunks, gathered on every rank in index order
     (CPU tensors: samples are small); else `mine` as it is."""
-    if rank_and_world()[1] == 1:
+    world = rank_and_world()[1]
+    if world == 1:
         return mine
-    gathered = [None] * rank_and_world()[1]
+    gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     return sorted((part for parts in gathered for part in parts), key=lambda part: part[0])
 

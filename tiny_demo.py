@@ -738,7 +738,8 @@ def time_per_image(args, device, uses_fid):
     net = load_inception(args, device) if uses_fid else None   # fails here without the weights
     blank = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)                # 4 black images
     return dict(sit=timed(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b),
-                vae=timed(lambda: vae.decode(vae.encode(to_float(blank))[0]).mean().backward(), 4),
+                vae=timed(lambda: vae.decode(vae.encode(z.new_zeros(b, 3, 32, 32))[0]).mean()
+                          .backward(), b),
                 inception=timed(lambda: net(fid.preprocess(blank)), 4) if uses_fid else 0.0)
 
 if __name__ == "__main__":
