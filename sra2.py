@@ -593,6 +593,15 @@ def pick_device(name=None):
     return device
 
 
+def default_precision(device):
+    """"bf16" where bf16 autocast is fast (CUDA; a CPU with native bf16: AVX512-BF16 or AMX),
+    else "fp32" (elsewhere a CPU emulates bf16, slower than fp32)."""
+    device, cpu = torch.device(device), getattr(torch, "cpu", None)
+    native = any(getattr(cpu, name, lambda: False)() for name in
+                 ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and native) else "fp32"
+
+
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA and CPU (bf16 has fp32's range, so no GradScaler); off on MPS."""
     device = torch.device(device)

@@ -49,12 +49,21 @@ HELDOUT_BANDS = {"low": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "high": (2 / 3, 1)
 # SiTs beyond the paper's presets, for CPU runs: (preset, overrides). Head dim 64 as in SiT.
 DEMO_MODELS = {"tiny": ("SiT-S/2", dict(depth=4, hidden_size=128, num_heads=2)),
                "small": ("SiT-S/2", dict(depth=8, hidden_size=128, num_heads=2))}
+# The depth sweep, "<blocks>x<width>": two widths, 24x64 and 6x128 (12x64 and 3x128) about equal
+# in FLOPs per step. Aligned block: the paper's fraction, 1/6 up to 12 blocks (2 of 12, for S
+# and B) and 1/3 from 24 on (8 of 24, for L); at least block 1.
+DEMO_MODELS.update({f"{d}x{w}": ("SiT-S/2", dict(depth=d, hidden_size=w, num_heads=w // 64,
+                                                 align_depth=max(1, d // 6 if d <= 12 else d // 3)))
+                    for d, w in [(6, 64), (12, 64), (24, 64), (3, 128), (6, 128), (12, 128)]})
 PRESETS = ("full", "cpu", "quick")
 # Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag wins.
 # full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
 # cpu: two CPU cores (README, Results); quick: all stages in seconds, on one thread (small ops).
 KNOBS = {
-    "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8)"),
+    "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8), "
+              "or BLOCKSxWIDTH of the depth sweep (24x64)"),
+    "precision": (None, "bf16 autocast or fp32 (None: bf16 on CUDA and on CPUs with native "
+                  "bf16, else fp32)"),
     "steps": ([4000, 1200, 60], "training steps per run"),
     "batch_size": ([256, 64, 32], "global batch"),
     "lr": ([3e-4, 3e-4, 1e-3], "AdamW learning rate, the same for both runs"),
@@ -72,7 +81,8 @@ KNOBS = {
     "t_range": ((0.0, 1.0), "align only where t in [LO, HI], t = 0 data"),
     "mlp_depth": (5, "projector layers"),
     "mlp_width": (None, "projector width (None: 2D)"),
-    "target": ("mean", "SRA 2 target: the posterior mean, or a fresh posterior sample each step"),
+    "target": ("mean", "SRA 2 target: the posterior mean, a fresh posterior sample each step, "
+               "or (a control) another image's mean: the latents' statistics, not this image's"),
     "target_scale": (1.0, "SRA 2 target = this x the latent"),
     "vae_width": ([64, 32, 16], "VAE channels at 32x32"),
     "latent_channels": (4, "VAE latent channels"),
@@ -92,7 +102,8 @@ KNOBS = {
     "ckpt_minutes": (3.0, "checkpoint period, 0 = never"),
     "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
 CHOICES = {"model": [*sra2.PRESETS, *DEMO_MODELS], "clip": ["joint", "separate", "none"],
-           "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample"],
+           "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample", "other"],
+           "precision": ["bf16", "fp32"],
            "runs": ["baseline,sra2", "baseline", "sra2", "sra2,baseline"]}
 
 def parse_args(argv=None):
@@ -139,7 +150,8 @@ def describe(args):
     heldout = (f"held-out loss on {args.heldout_n} test images at {args.heldout_evals} checkpoints"
                if args.heldout_evals else "no held-out loss")
     return (f"preset {args.preset}: {args.model}, {args.steps} steps of batch {args.batch_size}, "
-            f"lr {args.lr:g}, {args.clip} clip {args.grad_clip:g}, seeds {args.seeds}, "
+            f"lr {args.lr:g}, {args.clip} clip {args.grad_clip:g}, {args.precision}, "
+            f"seeds {args.seeds}, "
             f"{', '.join(args.runs)}; {heldout}; {fids}")
 
 # What each flag must be, in order: (flags, ok(value, args), need). A bad value gets one line,
@@ -325,7 +337,8 @@ def make_run(args, name, label, align, **changes):
                           **{**{key: getattr(args, key) for key in SRA2_KEYS}, **changes})
     run.t_range, width = tuple(run.t_range), run.mlp_width or "2D"
     target = f", target x {run.target_scale:g}" if run.target_scale != 1 else ""
-    target += ", target a posterior sample" if run.target == "sample" else ""
+    target += {"mean": "", "sample": ", target a posterior sample",
+               "other": ", target another image's latent (control)"}[run.target]
     run.settings = "vanilla" if not align else (
         f"block {run.align_depth}, {run.align_loss}, lambda {run.lam:g}, t in [{run.t_range[0]:g}, "
         f"{run.t_range[1]:g}], {run.mlp_depth}-layer MLP of width {width}{target}")
@@ -432,9 +445,11 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         z, y = latents[flip, idx], labels[idx]                 # (B / world, C, 16, 16), (B / world)
         goal = z if stds is None else z + stds[flip, idx] * torch.randn(       # z ~ q(z | x),
             (args.batch_size, *z.shape[1:]), generator=generator, device=device)[mine]  # drawn
-        # after step_noise's draws, so t, eps and the dropped labels stay those of the baseline
+        # after step_noise's draws, so t, eps and the dropped labels stay those of the baseline.
+        # The control: the batch rolled by one, so image i is pulled toward image i - 1's latent.
+        goal = goal.roll(1, 0) if run.target == "other" else goal
         target = sra2.patchify(goal, model.config.patch_size) * run.target_scale if proj else None
-        with sra2.autocast(device, enabled=device.type == "cuda"):
+        with sra2.autocast(device, enabled=args.precision == "bf16"):
             parts = sra2.training_loss(forward, z, y, proj, lam=run.lam, t=t, eps=eps,
                                        align_depth=run.align_depth, align_loss=run.align_loss,
                                        t_range=run.t_range, drop_labels=drop, target=target)
@@ -536,7 +551,7 @@ def generate(model, stage, n, num_steps, args, device, label):
         generator = torch.Generator(device).manual_seed(10_007 * (args.seed + 1) + chunk)
         noise = torch.randn(len(y), args.latent_channels, 16, 16, generator=generator,
                             device=device)
-        with sra2.autocast(device, enabled=device.type == "cuda"):
+        with sra2.autocast(device, enabled=args.precision == "bf16"):
             z = sra2.sample_sde(model, noise, y, num_steps=num_steps, generator=generator)
         done.append((chunk, decode(stage, z)))
         bar.update(sum(len(images) for _, images in done))
@@ -689,6 +704,7 @@ def main(argv=None):
 def experiment(args, device, out, card):
     """Data, stage 1, the runs of every seed, tables and pictures; returns the records."""
     tic, rank = time.perf_counter(), rank_and_world()[0]
+    args.precision = args.precision or sra2.default_precision(device)
     quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if args.quick else None
     images, labels, data = rank0_first(load_data, args)               # rank 0 downloads
     args.data_id = digest(images.tobytes(), labels.tobytes())  # a resume must see the same data

@@ -75,7 +75,8 @@ def command(job, data=None, work=None, threads=1):
         (["--cache", f"{work}/cache"] if work else [])
 
 
-def run(jobs, lanes, data, work, threads=1):
+def run(jobs, lanes, data, work, threads=1, command=command):
+    """Each job not finished yet (or resumed from its checkpoint), `lanes` at a time."""
     def one(job):
         if (Path(work) / job / "results.json").is_file():
             return f"{job}: done before"
@@ -102,10 +103,11 @@ def record(job, work):
                           for r in res["runs"]})
     run = res["runs"][0]
     keep = ("model", "steps", "batch_size", "lr", "grad_clip", "clip", "align_depth", "lam", "mlp_depth",
-            "mlp_width", "target_scale", "seed", "n_images", "heldout_n", "vae_width", "vae_steps", "threads")
+            "mlp_width", "target_scale", "seed", "n_images", "heldout_n", "vae_width", "vae_steps", "threads",
+            "target", "precision")
     command_line = " ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]])
     return dict(job=job, variant=job.rsplit("-s", 1)[0], run=run["name"], seed=run["seed"],
-                settings={k: s[k] for k in keep}, sra2=run["settings"], command=command_line,
+                settings={k: s.get(k) for k in keep}, sra2=run["settings"], command=command_line,
                 commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
                 train_seconds=run["wall"], heldout_seconds=run.get("heldout_seconds", 0.0),
                 steps_above_clip=run.get("clipped", 0), heldout=run["heldout"], fid=run["evals"],

@@ -1,0 +1,92 @@
+"""The depth study: does SRA 2 help where the paper uses it (deep SiTs), and is it the VAE latent?
+
+    python results/depth.py run [JOB ...] [--lanes 2] [--data DIR] [--work DIR]   # train (resumable)
+    python results/depth.py table [--work DIR]                                     # records, table, chart
+
+tiny_demo.py's depth sweep: 6, 12 and 24 blocks of width 64, and 3, 6 and 12 of width 128 (24x64
+and 6x128 cost about the same per step, as do 12x64 and 3x128). Each model is trained four ways on
+the same init, batches and noise (the screen protocol of results/study.py: 800 steps of 64,
+held-out loss at 8 checkpoints, fp32): the baseline; SRA 2 at the paper's fraction of depth
+(1/6 up to 12 blocks, 2 of 12 as for S and B; 1/3 from 24 on, 8 of 24 as for L); SRA 2 at the
+other fraction; and the control, aligned at the paper's block to another image's latent (the
+batch rolled by one), which has the latents' statistics and none of this image's information.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import study                                                          # noqa: E402
+import tiny_demo                                                      # noqa: E402
+
+PROTOCOL = ["--preset", "cpu", "--steps", "800", "--evals", "0", "--heldout-evals", "8",
+            "--precision", "fp32"]
+MODELS = ["24x64", "12x64", "6x64", "6x128", "3x128", "12x128"]
+SEEDS = (0, 1)
+
+
+def blocks(model):
+    """(the paper's block, the other block) of a model of the sweep."""
+    depth, paper = (tiny_demo.DEMO_MODELS[model][1][k] for k in ("depth", "align_depth"))
+    other = depth // 3 if depth <= 12 else depth // 6
+    return paper, other if other != paper else paper + 1
+
+
+def variants(model):
+    """name: (what, flags beyond PROTOCOL)."""
+    paper, other = blocks(model)
+    return {"base": ("baseline", ["--runs", "baseline"]),
+            f"b{paper}": (f"SRA 2, block {paper} (the paper's fraction)", ["--runs", "sra2"]),
+            f"b{other}": (f"SRA 2, block {other}", ["--runs", "sra2", "--align-depth", str(other)]),
+            f"ctl{paper}": (f"control, block {paper}", ["--runs", "sra2", "--target", "other"])}
+
+
+def command(job, data=None, work=None, threads=1):
+    """The tiny_demo.py command line of one job ("<model>-<variant>-s<seed>")."""
+    name, seed = job.rsplit("-s", 1)
+    model, variant = name.split("-", 1)
+    flags = [*PROTOCOL, "--model", model, *variants(model)[variant][1], "--seed", seed,
+             "--threads", str(threads), "--out", f"{work}/{job}"]
+    return ["python", "tiny_demo.py", *flags] + (["--data", str(data)] if data else []) + \
+        (["--cache", f"{work}/cache"] if work else [])
+
+
+# The queue, the most telling first: per model the baseline, SRA 2 at the paper's block and the
+# control on both seeds, then the other block; the deepest model first.
+QUEUE = [f"{model}-{variant}-s{seed}" for model in MODELS
+         for group in (lambda v: [v[0], v[1], v[3]], lambda v: [v[2]])
+         for seed in SEEDS for variant in group(list(variants(model)))]
+
+
+def collect(work):
+    """results/depth/<job>.json for every finished job; returns all records found there."""
+    out = HERE / "depth"
+    out.mkdir(exist_ok=True)
+    for job in QUEUE:
+        if (Path(work) / job / "results.json").is_file():
+            record = study.record(job, work)
+            (out / f"{job}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("run", "table"))
+    p.add_argument("jobs", nargs="*", help="jobs to run, e.g. 24x64-b8-s0 (default: the queue)")
+    p.add_argument("--lanes", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per run (%(default)s)")
+    p.add_argument("--data", default=None, help="CIFAR-10 folder (default: tiny_demo.py downloads)")
+    p.add_argument("--work", default=str(HERE.parent / "demo_out" / "depth"),
+                   help="where runs write (%(default)s)")
+    a = p.parse_args(argv)
+    if a.what == "run":
+        study.run(a.jobs or QUEUE, a.lanes, a.data, a.work, a.threads, command)
+    else:
+        records = collect(a.work)
+        print(f"{len(records)} records in {HERE / 'depth'}")
+
+
+if __name__ == "__main__":
+    main()
