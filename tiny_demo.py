@@ -62,8 +62,8 @@ PRESETS = ("full", "cpu", "quick")
 KNOBS = {
     "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8), "
               "or BLOCKSxWIDTH of the depth sweep (24x64)"),
-    "precision": (None, "bf16 autocast or fp32 (None: bf16 on CUDA and on CPUs with native "
-                  "bf16, else fp32)"),
+    "precision": ("auto", "bf16 autocast, fp32, or auto: bf16 on CUDA and on CPUs with native "
+                  "bf16, else fp32"),
     "steps": ([4000, 1200, 60], "training steps per run"),
     "batch_size": ([256, 64, 32], "global batch"),
     "lr": ([3e-4, 3e-4, 1e-3], "AdamW learning rate, the same for both runs"),
@@ -103,7 +103,7 @@ KNOBS = {
     "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
 CHOICES = {"model": [*sra2.PRESETS, *DEMO_MODELS], "clip": ["joint", "separate", "none"],
            "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample", "other"],
-           "precision": ["bf16", "fp32"],
+           "precision": ["auto", "bf16", "fp32"],
            "runs": ["baseline,sra2", "baseline", "sra2", "sra2,baseline"]}
 
 def parse_args(argv=None):
@@ -704,7 +704,7 @@ def main(argv=None):
 def experiment(args, device, out, card):
     """Data, stage 1, the runs of every seed, tables and pictures; returns the records."""
     tic, rank = time.perf_counter(), rank_and_world()[0]
-    args.precision = args.precision or sra2.default_precision(device)
+    args.precision = sra2.default_precision(device) if args.precision == "auto" else args.precision
     quick = "QUICK MODE (smoke test: tiny settings, numbers NOT meaningful)" if args.quick else None
     images, labels, data = rank0_first(load_data, args)               # rank 0 downloads
     args.data_id = digest(images.tobytes(), labels.tobytes())  # a resume must see the same data
