@@ -1930,17 +1930,18 @@ def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
-def test_posterior_sample_target_is_mean_plus_std_noise_on_the_same_draws(tmp_path, monkeypatch):
-    """--target sample: the projector is pulled to z + std * n, n ~ N(0, I) fresh each step, while
-    the SiT sees the same z, t, eps and dropped labels as with the posterior mean."""
+def test_sample_and_control_targets_on_the_same_draws(tmp_path, monkeypatch):
+    """--target sample: the projector is pulled to z + std * n, n ~ N(0, I) fresh each step;
+    --target other (the control): to the latent of the image before it in the batch. The SiT sees
+    the same z, t, eps and dropped labels as with the posterior mean."""
     s = tiny_demo.parse_args([*TINY, "--steps", "3", "--heldout-evals", "0", "--evals", "1"])
     tiny_demo.check(s)
     stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16),
                             std=torch.full((2, 32, 4, 16, 16), 0.5), heldout=None)
-    real_loss, calls = sra2.training_loss, {"mean": [], "sample": []}
+    real_loss, calls = sra2.training_loss, {"mean": [], "sample": [], "other": []}
     monkeypatch.setattr(tiny_demo, "generate", lambda model, stage, n, *a, **k: torch.zeros(
         n, 32, 32, 3, dtype=torch.uint8))
-    for target in ("mean", "sample"):
+    for target in calls:
         def spy(model, z, y, proj, **kw):
             calls[target].append(dict(z=z, t=kw["t"], eps=kw["eps"], drop=kw["drop_labels"],
                                       target=kw["target"]))
@@ -1950,15 +1951,73 @@ def test_posterior_sample_target_is_mean_plus_std_noise_on_the_same_draws(tmp_pa
         tiny_demo.train_run(tiny_demo.make_run(s, "sra2", target, True), stage,
                             torch.randint(0, 10, (32,)), s, torch.device("cpu"),
                             lambda images: 1.0, tmp_path / target)
-    assert len(calls["mean"]) == len(calls["sample"]) == 3
-    for mean, sample in zip(calls["mean"], calls["sample"]):
+    assert len(calls["mean"]) == len(calls["sample"]) == len(calls["other"]) == 3
+    for mean, sample, other in zip(calls["mean"], calls["sample"], calls["other"]):
         for key in ("z", "t", "eps", "drop"):
-            assert torch.equal(mean[key], sample[key])
+            assert torch.equal(mean[key], sample[key]) and torch.equal(mean[key], other[key])
         assert torch.equal(mean["target"], sra2.patchify(mean["z"], 2))
+        z_before = torch.cat([mean["z"][-1:], mean["z"][:-1]])         # image i - 1's latent
+        assert torch.equal(other["target"], sra2.patchify(z_before, 2))
         noise = (sample["target"] - mean["target"]) / 0.5               # n ~ N(0, I), 32K values
         assert abs(noise.mean().item()) < 0.03 and abs(noise.std().item() - 1) < 0.03
     first, second = (c["target"] - m["target"] for c, m in zip(calls["sample"][:2], calls["mean"]))
     assert not torch.allclose(first, second)                             # fresh noise each step
+
+
+def test_depth_sweep_models_align_at_the_papers_fraction_of_depth():
+    """BLOCKSxWIDTH: head dim 64 as in SiT; aligned block 1/6 of the depth up to 12 blocks (2 of
+    12, the paper's S and B) and 1/3 from 24 on (8 of 24, its L), at least 1."""
+    expected = {"6x64": 1, "12x64": 2, "24x64": 8, "3x128": 1, "6x128": 1, "12x128": 2}
+    assert {name for name in tiny_demo.DEMO_MODELS if "x" in name} == set(expected)
+    for name, block in expected.items():
+        s = tiny_demo.parse_args([*TINY, "--model", name])
+        tiny_demo.check(s)
+        config, (depth, width) = tiny_demo.model_config(s), map(int, name.split("x"))
+        assert (config.depth, config.hidden_size, config.num_heads) == (depth, width, width // 64)
+        assert config.align_depth == s.align_depth == block
+    s = tiny_demo.parse_args([*TINY, "--model", "24x64", "--align-depth", "4"])
+    tiny_demo.check(s)
+    assert s.align_depth == 4
+
+
+def test_default_precision_is_bf16_only_where_it_is_native(monkeypatch):
+    """bf16 autocast on CUDA, and on a CPU only with native bf16 (AVX512-BF16 or AMX): elsewhere
+    the CPU emulates it, slower than fp32."""
+    assert sra2.default_precision("cuda") == "bf16" and sra2.default_precision("mps") == "fp32"
+    for avx512_bf16, amx, expected in [(False, False, "fp32"), (True, False, "bf16"),
+                                       (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert sra2.default_precision("cpu") == expected
+
+
+def test_a_few_bf16_steps_stay_close_to_fp32():
+    """Five AdamW steps of SiT + P under bf16 autocast on the CPU against fp32, from one init on
+    one batch: the losses and the weights stay close (bf16 keeps 8 bits of mantissa)."""
+    torch.manual_seed(0)
+    z, y = torch.randn(16, 4, 8, 8), torch.randint(0, 10, (16,))
+    t, eps = torch.rand(16), torch.randn(16, 4, 8, 8)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(1)
+        model = sra2.SiT(sra2.SiTConfig(input_size=8, hidden_size=64, depth=3, num_heads=1,
+                                        num_classes=10, align_depth=1))
+        projector = sra2.make_projector(model)
+        opt = torch.optim.AdamW([*model.parameters(), *projector.parameters()], lr=1e-3)
+        losses = []
+        for _ in range(5):
+            with sra2.autocast("cpu", enabled=precision == "bf16"):
+                parts = sra2.training_loss(model, z, y, projector, t=t, eps=eps)
+            opt.zero_grad()
+            parts["loss"].backward()
+            opt.step()
+            losses.append([parts["denoise"].item(), parts["align"].item()])
+        runs[precision] = torch.tensor(losses), torch.nn.utils.parameters_to_vector(
+            model.parameters()).detach()
+    (loss32, w32), (loss16, w16) = runs["fp32"], runs["bf16"]
+    assert torch.allclose(loss16, loss32, rtol=0.02), (loss16, loss32)
+    assert (w16 - w32).norm() < 0.01 * w32.norm()
+    assert not torch.equal(loss16, loss32)                             # bf16 did run
 
 
 def test_nonfinite_loss_stops_with_the_step(tmp_path, monkeypatch):
@@ -2077,6 +2136,25 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
         made = study.record(job, tmp_path)
         assert {"command", "commit", "machine"} <= set(made) and "tiny_demo.py" in made["command"]
     assert set(study.record(study.CONFIRM[0], tmp_path)["runs"]) == {"baseline", "sra2"}
+    assert made["settings"]["precision"] == sra2.default_precision("cpu")   # resolved, recorded
+
+
+def test_depth_study_commands_are_the_protocol():
+    """results/depth.py: every job is tiny_demo.py at the screen protocol in fp32, the control
+    aligned to another image's latent at the paper's block."""
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2
+    argv = depth.command("24x64-ctl8-s1", "data", "work")[2:]
+    s = tiny_demo.parse_args(argv)
+    tiny_demo.check(s)
+    assert (s.model, s.steps, s.batch_size, s.heldout_evals, s.evals, s.precision, s.target,
+            s.align_depth, s.seeds, s.runs) == ("24x64", 800, 64, 8, 0, "fp32", "other", 8, [1],
+                                                ["sra2"])
+    s = tiny_demo.parse_args(depth.command("24x64-b4-s0", "data", "work")[2:])
+    tiny_demo.check(s)
+    assert (s.target, s.align_depth, s.seeds) == ("mean", 4, [0])
 
 
 def test_resume_with_other_settings_names_them(reference_run, tmp_path, capsys):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE), str(HERE.parent)]                            # study.py, tiny_demo.py
 import study                                                          # noqa: E402
 import tiny_demo                                                      # noqa: E402
 
