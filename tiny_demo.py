@@ -753,7 +753,12 @@ def time_per_image(args, device, uses_fid):
     vae = VAE(args.vae_width, args.latent_channels)
     net = load_inception(args, device) if uses_fid else None   # fails here without the weights
     blank = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)                # 4 black images
-    return dict(sit=timed(lambda: sra2.training_loss(model, z, y, projector)["loss"].backward(), b),
+
+    def sit_step():                                                     # in the run's precision
+        with sra2.autocast(device, enabled=args.precision == "bf16"):
+            loss = sra2.training_loss(model, z, y, projector)["loss"]
+        loss.backward()
+    return dict(sit=timed(sit_step, b),
                 vae=timed(lambda: vae.decode(vae.encode(z.new_zeros(b, 3, 32, 32))[0]).mean()
                           .backward(), b),
                 inception=timed(lambda: net(fid.preprocess(blank)), 4) if uses_fid else 0.0)

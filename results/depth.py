@@ -71,6 +71,89 @@ def collect(work):
     return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
 
 
+def gaps(records, model, variant, at=-1):
+    """{seed: held-out gap (%) of variant against the baseline of the same model and seed}."""
+    pairs = {k: (records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}"))
+             for k in SEEDS}
+    return {k: study.gap(a, b, "loss", at) for k, (a, b) in pairs.items() if a and b}
+
+
+def cell(by_seed):
+    """'mean (seed 0, seed 1)' of gaps in percent, or '' where none finished."""
+    if not by_seed:
+        return ""
+    values = list(by_seed.values())
+    return f"{sum(values) / len(values):+.2f}% (" + ", ".join(f"{g:+.2f}" for g in values) + ")"
+
+
+def text(records):
+    """The text of results/depth.md."""
+    lines = ["# The depth study", "", __doc__.split("\n\n", 2)[2].strip(), "",
+             "Held-out gap: the denoising loss on 1,000 CIFAR-10 test images (fixed t grid and "
+             "noise, EMA weights) of a run against the baseline of the same model and seed, at "
+             "the last step (800) and at a quarter of the run (step 200); negative: better than "
+             "the baseline. Mean over the seeds, each seed in brackets. Written by "
+             "`python results/depth.py table`.", "",
+             "| model (blocks x width) | SRA 2, paper's block | control, same block | SRA 2 - control | "
+             "SRA 2, other block | at step 200: SRA 2 | control | baseline's held-out loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        paper, other = blocks(model)
+        sra, ctl = gaps(records, model, f"b{paper}"), gaps(records, model, f"ctl{paper}")
+        both = {k: sra[k] - ctl[k] for k in sra if k in ctl}
+        base = [records[f"{model}-base-s{k}"]["heldout"][-1]["loss"] for k in SEEDS
+                if f"{model}-base-s{k}" in records]
+        if not base:
+            continue
+        lines.append(f"| {model} | block {paper}: {cell(sra)} | {cell(ctl)} | "
+                     f"{cell(both)} | block {other}: {cell(gaps(records, model, f'b{other}'))} | "
+                     f"{cell(gaps(records, model, f'b{paper}', 1))} | "
+                     f"{cell(gaps(records, model, f'ctl{paper}', 1))} | "
+                     + ", ".join(f"{x:.4f}" for x in base) + " |")
+    machine = next(iter(records.values()))["machine"]
+    lines += ["", f"Machine: {machine['processor']}, {machine['cpu_count']} cores, torch "
+              f"{machine['torch']}, python {machine['python']}; two runs at a time, one thread "
+              "each.", "", "## Every run", "",
+              "| job | held-out loss at each checkpoint | train time | command |", "|---|---|---|---|"]
+    for job, r in records.items():
+        lines.append(f"| {job} | " + " ".join(f"{e['loss']:.4f}" for e in r["heldout"]) +
+                     f" | {r['train_seconds']:.0f} s | `{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def charts(records):
+    """results/depth_gap.png: the gap at the last step against depth, SRA 2 beside the control,
+    per width (the control in a lighter shade); results/depth_steps.png: the gap against steps."""
+    import demo_infra
+    mean = lambda d: sum(d.values()) / len(d)
+    series = []
+    for i, width in enumerate(("64", "128")):
+        for j, (what, variant) in enumerate((("SRA 2", "b"), ("control", "ctl"))):
+            points = [(int(m.split("x")[0]), gaps(records, m, f"{variant}{blocks(m)[0]}"))
+                      for m in MODELS if m.endswith("x" + width)]
+            points = sorted((d, mean(g)) for d, g in points if g)
+            if points:
+                series.append((f"{what}, width {width}", *zip(*points), i, j == 1))
+    if series:
+        series.append((None, [0, 24], [0, 0], 7, True))
+        demo_infra.line_chart(HERE / "depth_gap.png", series, "held-out loss gap against the "
+                              "baseline at step 800 (%, below 0: better), mean of the seeds",
+                              "SiT blocks (aligned at the paper's fraction of depth)", "gap (%)")
+    series = []
+    for i, model in enumerate(m for m in MODELS if f"{m}-base-s0" in records):
+        paper = blocks(model)[0]
+        for variant, what, thin in ((f"b{paper}", "SRA 2", False), (f"ctl{paper}", "control", True)):
+            steps = [e["step"] for e in records[f"{model}-base-s0"]["heldout"]]
+            curve = [gaps(records, model, variant, j) for j in range(len(steps))]
+            if curve[0]:
+                series.append((f"{model}, {what}", steps, [mean(g) for g in curve], i, thin))
+    if series:
+        series.append((None, [0, 800], [0, 0], 7, True))
+        demo_infra.line_chart(HERE / "depth_steps.png", series, "held-out loss gap against the "
+                              "baseline (%, below 0: better), mean of the seeds; thin: control",
+                              "training steps", "gap (%)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("run", "table"))
@@ -85,7 +168,9 @@ def main(argv=None):
         study.run(a.jobs or QUEUE, a.lanes, a.data, a.work, a.threads, command)
     else:
         records = collect(a.work)
-        print(f"{len(records)} records in {HERE / 'depth'}")
+        (HERE / "depth.md").write_text(text(records))
+        charts(records)
+        print(text(records), end="")
 
 
 if __name__ == "__main__":
