@@ -366,24 +366,36 @@ def check_checkpoints(args, runs, out):
 
 class FIDMeter:
     """FID of uint8 images against the (cached) Inception statistics of the training images;
-    fid.frechet_distance is exact also for the singular covariance of fewer than 2048 images."""
+    fid.frechet_distance is exact also for the singular covariance of fewer than 2048 images, and
+    with the factors C (S = C C^T) of both sides it needs no 2048 x 2048 eigendecomposition."""
 
     def __init__(self, args, images, data_id, device):
         self.device, n_ref = device, min(args.fid_ref_n, len(images))
         self.model, path = load_inception(args, device), reference_path(args, data_id, n_ref)
-        stats = read_cache(path, lambda: fid.load_statistics(path))
+        stats = read_cache(path, lambda: load_reference(path))
         if stats is None:
             say(f"FID reference: Inception statistics of {n_ref} training images (then cached)")
             stats = self.statistics(images[:n_ref])
-            atomic_write(path, lambda tmp: fid.save_statistics(tmp, *stats, "tf"))
-        self.mu, self.sigma = stats
+            factor = {} if stats[2] is None else dict(factor=stats[2])
+            atomic_write(path, lambda tmp: np.savez(tmp, mu=stats[0], sigma=stats[1],
+                                                    convention=np.array("tf"), **factor))
+        self.mu, self.sigma, self.factor = stats
+        if self.factor is None:                               # over 2048 images: once, not per FID
+            self.factor = fid.psd_factor(self.sigma)
 
     def statistics(self, images):          # small batches on a CPU: the progress line moves
         return fid.compute_statistics(images, self.model, 200 if self.device.type == "cuda" else 50,
-                                      self.device, progress=True)
+                                      self.device, progress=True, return_factor=True)
 
     def __call__(self, images):
-        return fid.frechet_distance(self.mu, self.sigma, *self.statistics(images))
+        mu, sigma, factor = self.statistics(images)
+        return fid.frechet_distance(self.mu, self.sigma, mu, sigma, self.factor, factor)
+
+
+def load_reference(path):
+    """(mu, sigma, factor or None) of a FIDMeter cache file."""
+    with np.load(path) as data:
+        return data["mu"], data["sigma"], data["factor"] if "factor" in data.files else None
 
 
 def load_inception(args, device):

@@ -49,10 +49,14 @@ def _require(ok, message, error=ValueError):
 # Script utilities (tiny_demo.py uses them too): time, progress line, atomic files, one-line errors
 
 def fmt_time(seconds):
-    """3.2s, 42s, 7m05s."""
+    """3.2s, 42s, 7m05s, 2h05m, 240h."""
     if seconds < 10:
         return f"{max(seconds, 0):.1f}s"
     seconds = round(seconds)
+    if seconds >= 36000:
+        return f"{round(seconds / 3600)}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -299,7 +303,7 @@ class FeatureStats:
     """Streaming float64 mean and covariance in D + D^2 sums of f - shift (the first batch's mean:
     no digits cancel), kept on the features' device (the D x D update is fast on a GPU)."""
     def __init__(self):
-        self.n, self.shift, self.sum, self.sum_outer = 0, None, 0, 0
+        self.n, self.shift, self.sum, self.sum_outer, self.rows = 0, None, 0, 0, []
 
     def update(self, features):
         f = torch.as_tensor(features)
@@ -311,6 +315,8 @@ class FeatureStats:
         centred = f.to(self.shift.device) - self.shift  # (N, D)
         self.n, self.sum = self.n + f.shape[0], self.sum + centred.sum(dim=0)  # (D,)
         self.sum_outer = self.sum_outer + centred.T @ centred                  # (D, D)
+        keep = self.rows is not None and self.n <= f.shape[1]                  # while N <= D
+        self.rows = self.rows + [centred] if keep else None
 
     def mean_cov(self):
         """(mu (D,), sigma (D, D)) as float64 numpy; sigma is unbiased (divides by N - 1)."""
@@ -318,6 +324,14 @@ class FeatureStats:
         mean_centred = self.sum / self.n  # mean of f - shift
         sigma = (self.sum_outer - self.n * torch.outer(mean_centred, mean_centred)) / (self.n - 1)
         return (self.shift + mean_centred).cpu().numpy(), sigma.cpu().numpy()
+
+    def factor(self):
+        """C (D, N) with sigma = C C^T, C = (f - mu)^T / sqrt(N - 1) from the features themselves
+        (exact, no D x D eigendecomposition), or None once N > D (psd_factor(sigma) then)."""
+        if not self.rows:
+            return None
+        centred = torch.cat(self.rows)                                          # (N, D)
+        return ((centred - centred.mean(dim=0)).T / (self.n - 1) ** 0.5).cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -340,11 +354,13 @@ def _full_float32():
 
 
 def compute_statistics(images, model=None, batch_size=200, device=None, convention="tf",
-                       weights=None, progress=False, return_is_logits=False, total=None):
+                       weights=None, progress=False, return_is_logits=False, total=None,
+                       return_factor=False):
     """Pool3 (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3) or (N, 3, H,
     W), numpy or torch, or an iterable of such batches (to stream generated images). model: from
     load_inception, else loaded from `weights`; progress: a line on stderr once it takes over 1 s
-    (`total`: N of an iterable); return_is_logits: also the (N, K) logits for inception_score."""
+    (`total`: N of an iterable; a string: the line's label); return_is_logits: also the (N, K)
+    logits for inception_score; return_factor: also FeatureStats.factor() for frechet_distance."""
     _require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
              f"batch_size must be an integer >= 1, got {batch_size!r}")
     if whole := isinstance(images, (np.ndarray, torch.Tensor)):
@@ -355,7 +371,8 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
     _require(not return_is_logits or getattr(model, "fc", None) is not None, f"Inception Score "
              f"needs the 1008-way fc layer of {FID_WEIGHTS_FILE}; -nofc files give features only")
     stats, all_logits = FeatureStats(), []
-    bar = Progress("Inception features", total, "img", file=sys.stderr) if progress else None
+    label = progress if isinstance(progress, str) else "Inception features"
+    bar = Progress(label, total, "img", file=sys.stderr) if progress else None
     # autocast off: a caller's bf16 context must not leak into the features.
     with torch.no_grad(), _full_float32(), torch.autocast(torch.device(device).type, enabled=False):
         for batch in [images] if whole else images:
@@ -372,7 +389,8 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
         bar.close()
     _require(stats.n > 0, "no images were given")
     mu, sigma = stats.mean_cov()
-    return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
+    extra = [np.concatenate(all_logits)] if return_is_logits else []
+    return (mu, sigma, *extra, *[stats.factor()] * return_factor)
 
 
 def _folder_batches(path, batch_size):
@@ -458,15 +476,20 @@ def psd_factor(sigma, name="sigma"):
     return v[:, keep] * np.sqrt(w[keep])
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor1=None, factor2=None):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64. With S = C C^T, S1 S2 has
     the non-zero eigenvalues of (C2^T C1)^T (C2^T C1): tr((S1 S2)^(1/2)) is the sum of the singular
-    values of C2^T C1, exact also for singular S (N < D), ~2x faster than scipy's sqrtm (tested)."""
+    values of C2^T C1, exact also for singular S (N < D), ~2x faster than scipy's sqrtm (tested).
+    factor1, factor2: C with S = C C^T where known (compute_statistics(return_factor=True): for
+    N <= D images, (D, N) from the features), so no D x D eigendecomposition is needed: then
+    C2^T C1 is (N2, N1) and a FID of few images takes milliseconds, not seconds."""
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
     _require(mu1.shape == mu2.shape,
              f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
-    cross = psd_factor(sigma2, "sigma2").T @ psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
+    factor1 = psd_factor(sigma1, "sigma1") if factor1 is None else factor1  # C1 (D, R1)
+    factor2 = psd_factor(sigma2, "sigma2") if factor2 is None else factor2  # C2 (D, R2)
+    cross = factor2.T @ factor1                                              # C2^T C1, (R2, R1)
     tr_covmean = np.linalg.svd(cross, compute_uv=False).sum()                # tr((S1 S2)^(1/2))
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
