@@ -11,7 +11,7 @@ every FID printed names its own. Both match features saved from the real tools (
 FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over pool3 statistics (mu, S), in float64.
 IS  = exp(E_x KL(p(y|x) || p(y))) over 10 splits (as ADM, NVIDIA, torch-fidelity), mean and std.
 Shapes: N batch, H W image size, D = 2048 features, K = 1008 classes. Start reading at
-compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`.
+compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`, FID only.
 """
 import argparse
 import contextlib
@@ -247,6 +247,9 @@ def load_inception(weights=None, device="cpu"):
                                     f"it at {cached}") from error
     path = Path(cached if path is None else path)
     _require(path.is_file(), f"FID Inception weights not found: {path}", FileNotFoundError)
+    with open(path, "rb") as file:                           # a zip (torch.save), or a pickle
+        _require(file.read(2) in (b"PK", b"\x80\x02"), f"{path}: not the FID Inception weights "
+                 "(not a file torch.save wrote)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # unused head
@@ -254,6 +257,8 @@ def load_inception(weights=None, device="cpu"):
         model.load_state_dict(state)  # strict; an fp16 file is cast up by the float32 parameters
     except Exception as error:  # not a torch file, truncated, not a state dict, other weights
         detail = " ".join(str(error).split())  # load_state_dict's message spans lines
+        if detail.startswith("Weights only load failed"):  # torch's advice to load it unsafely
+            detail = "it holds more than tensors; refused, as loading it could run code"
         detail = detail if len(detail) <= 160 else detail[:160] + " ..."
         raise ValueError(f"{path}: not the FID Inception weights "
                          f"({type(error).__name__}: {detail})") from error
@@ -520,6 +525,8 @@ def _run(args):
         _require(os.path.isdir(path) or path.endswith(".npz"),
                  f"{path}: neither an image folder nor an .npz file")
     if out:
+        _require(not os.path.exists(out) or os.path.isdir(out), f"--save-stats: {out} exists; "
+                 "give another file name, or move it away (nothing was changed)", FileExistsError)
         _require(os.path.isdir(inputs[0]), f"--save-stats computes the statistics of an image "
                  f"folder; {inputs[0]} is a file")
         _require(out.endswith(".npz") and not os.path.isdir(out),
@@ -528,18 +535,25 @@ def _run(args):
                  f"{Path(out).name} in", FileNotFoundError)
     stats = {p: load_statistics(p, return_convention=True) for p in inputs if not os.path.isdir(p)}
     folders = {path: _folder_batches(path, args.batch_size) for path in inputs if path not in stats}
+    for path, (n, _) in folders.items():
+        _require(n >= 2, f"{path}: {n} image; FID needs a covariance, so at least 2")
+    conventions = {c for c in [*(s[2] for s in stats.values()), *[args.convention] * bool(folders)]
+                   if c}
+    _require(len(conventions) <= 1 or out, f"the statistics use different conventions "
+             f"({' vs '.join(sorted(conventions))}): FID is meaningless (--convention sets a "
+             "folder's)")
     model = load_inception(args.weights, args.device) if folders else None
     for path, (n, batches) in folders.items():  # (mu, sigma, convention) as from an .npz file
+        print(f"Inception features of {path} ({n} images) ...", file=sys.stderr, flush=True)
         stats[path] = (*compute_statistics(batches, model=model, batch_size=args.batch_size,
                                            device=args.device, convention=args.convention,
-                                           progress=True, total=n), args.convention)
+                                           progress=f"Inception features of {path}", total=n),
+                       args.convention)
     if out:
         save_statistics(out, *stats[inputs[0]])
         print(f"saved statistics ({args.convention} convention) to {out}")
     else:
         (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in inputs)
-        _require(not (conv1 and conv2 and conv1 != conv2), f"the two statistics use different "
-                 f"conventions ({conv1} vs {conv2}): FID is meaningless")
         if len(mu1) >= 512:  # two D x D eigendecompositions and an SVD: seconds to minutes on a CPU
             print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
         fid = frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -555,7 +569,11 @@ def main(argv=None):
         if text.isdigit() and int(text) >= 1:
             return int(text)
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files")
+    parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files. "
+                           "The Inception Score is not a CLI output: in Python, fid.inception_score"
+                           " of compute_statistics(..., return_is_logits=True), with weights that "
+                           f"have the fc layer ({FID_WEIGHTS_FILE}, the default; -nofc files "
+                           "have none)")
     add = parser.add_argument
     add("path", nargs=2, help="image folders or .npz files with mu and sigma")
     add("--save-stats", action="store_true", help="save folder PATH1's statistics to PATH2 (.npz)")

@@ -6,7 +6,7 @@
 Every run is one `tiny_demo.py` command (printed in the table beside its numbers). Runs that share
 a seed share the SiT init, the batches and the noise, so each SRA 2 variant is compared with the
 baseline of the same seed and settings on identical draws. Settings are chosen on seeds 0 and 1
-with the held-out loss only; the chosen setting is then confirmed with FID on seeds 2 and 3.
+with the held-out loss only; the chosen setting is then checked with FID on seeds 2, 3 and 4.
 `run` works through the runs not yet finished, `lanes` processes at a time, one thread each
 unless `--threads` says otherwise.
 """
@@ -272,14 +272,15 @@ def charts(records):
     rows = [(what.split(" (")[0], gaps) for what, gaps in rows if gaps]
     if rows:
         gap_chart(HERE / "study_gap.png", rows, "SRA 2 against its baseline: held-out loss gap at the last step "
-                  "(below 0: SRA 2 better); bar: mean, dots: seeds 0 and 1")
+                  "(below 0: SRA 2 better)\ndots: each seed run (0 and 1, or 0 alone); bar: their mean")
     confirm = [r for k, r in records.items() if k in CONFIRM]
     series = []                                   # how the gap moves with training steps
     for i, name in enumerate(("sra", "lam0.1", "small")):
         pairs = screen_pairs(records, name)
         if pairs:
             steps = [e["step"] for e in pairs[0][0]["heldout"]]
-            series.append((f"{VARIANTS[name][0].split(' (')[0][:18]}, screen", steps,
+            seeds = ", ".join(str(a["seed"]) for a, _ in pairs)
+            series.append((f"{VARIANTS[name][0].split(' (')[0][:18]}, screen, seed{'s' * (len(pairs) > 1)} {seeds}", steps,
                            [sum(gap(a, b, "loss", j) for a, b in pairs) / len(pairs) for j in range(len(steps))], i))
     for i, r in enumerate(confirm):
         base, sra = r["runs"]["baseline"]["heldout"], r["runs"]["sra2"]["heldout"]
@@ -288,7 +289,7 @@ def charts(records):
     if series:
         series.append((None, [0, max(s[1][-1] for s in series)], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "study_steps.png", series, "SRA 2 against its baseline: held-out loss gap "
-                             "(%, below 0: SRA 2 better); screen: mean of seeds 0, 1", "training steps", "gap (%)")
+                             "(%, below 0: SRA 2 better); screen: the mean of the seeds named", "training steps", "gap (%)")
     for key, metric, label in (("heldout", "loss", "held-out loss"), ("fid", "fid", "FID-250 (25-step SDE)")):
         series = []
         for i, name in enumerate(("baseline", "sra2")):
