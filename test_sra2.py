@@ -150,7 +150,8 @@ def _fid_error_line(capsys, argv):
         fid.main([str(arg) for arg in argv])
     assert exit_info.value.code == 2
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines()
+             if not line.startswith("Inception features of ")]           # progress, not errors
     assert len(lines) == 1 and lines[0].startswith("fid.py: error: "), lines
     assert "convention" not in out, out  # nothing claims to have been saved or computed
     return lines[0].removeprefix("fid.py: error: ")
@@ -2038,7 +2039,7 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(
     ("garbage", "is not a readable checkpoint"),
     ("truncated", "is not a readable checkpoint"),
     ("code", "is not a readable checkpoint (UnpicklingError"),
-    ("other run", "is from another run (the run's SRA 2 settings"),
+    ("other run", 'is from another run (the run: "sra2" there, "baseline" now)'),
     ("not ours", "is not a tiny_demo/2 checkpoint"),
 ])
 def test_resume_from_a_bad_checkpoint_is_one_line_and_changes_nothing(reference_run, tmp_path,
@@ -2124,12 +2125,74 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.slow
-def test_resume_with_nothing_to_resume_starts_from_scratch(tmp_path, monkeypatch, capsys):
+def test_resume_with_nothing_to_resume_is_refused_and_the_log_says_why(tmp_path, capsys):
+    """A typo in --out must not start an hours-long run from scratch; the error is in the log."""
+    line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o"), "--cache",
+                               str(tmp_path / "c"), "--resume"])
+    assert line == (f"tiny_demo: error: --resume: no checkpoint of this run in {tmp_path / 'o'}"
+                    "/ckpt; nothing to resume (without --resume it starts from scratch)")
+    assert (tmp_path / "o" / "log.txt").read_text().splitlines()[-1] == line
+
+
+def test_rerun_into_a_finished_out_is_refused_and_changes_nothing(reference_run, tmp_path, capsys):
+    """A finished run's folder (its checkpoints, or only its results.json) is never written over
+    by a fresh start, with the same settings or others."""
+    root, _ = reference_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = file_states(out)
+    for extra in ([], ["--steps", "6"]):
+        line = error_line(capsys, [*demo_args(tmp_path, "out"), *extra])
+        assert f"--out {out} holds a run's results ({out / 'results.json'}): give another --out" \
+            in line
+    shutil.rmtree(out / "ckpt")
+    assert "holds a run's results" in error_line(capsys, demo_args(tmp_path, "out"))
+    assert file_states(out) == {p: b for p, b in before.items() if "ckpt" not in p.parts}
+
+
+def test_a_baseline_resumes_whatever_the_sra2_settings_and_a_mismatch_is_short(reference_run,
+                                                                              tmp_path, capsys,
+                                                                              monkeypatch):
+    root, _ = reference_run
+    shutil.copytree(root / "out", tmp_path / "out")
     monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
-    tiny_demo.main([*TINY, "--steps", "2", "--evals", "1", "--heldout-evals", "1", "--out",
-                    str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--resume"])
-    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    records = tiny_demo.main([*demo_args(tmp_path, "out"), "--resume", "--runs", "baseline",
+                              "--lam", "0.5", "--mlp-depth", "2"])
+    assert "tiny: finished; its record is reused" in capsys.readouterr().out
+    assert set(records) == {("baseline", 0)}
+    line = error_line(capsys, [*demo_args(tmp_path, "out"), "--resume", "--runs", "sra2",
+                               "--lam", "0.5", "--mlp-depth", "2", "--lr", "0.002"])
+    assert "is from another run (--lam: 1.0 there, 0.5 now; --lr: 0.001 there, 0.002 now; " \
+        "--mlp-depth: 5 there, 2 now)" in line and len(line.replace(str(tmp_path), "")) < 250
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during step 3: the step ends, its checkpoint is saved, one line (also in the log),
+    exit status 130; --resume goes on from step 3."""
+    real_loss, calls, usual = sra2.training_loss, [], signal.getsignal(signal.SIGINT)
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(sra2, "training_loss", interrupted)
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    argv = [*TINY, "--steps", "6", "--ckpt-minutes", "0", "--out", str(tmp_path / "o"),
+            "--cache", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_demo.main(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    path = tmp_path / "o" / "ckpt" / "baseline.pt"
+    assert err == [f"tiny_demo: error: interrupted (Ctrl-C): tiny stopped at step 3 of 6, "
+                   f"saved to {path}; the same command with --resume goes on from there"]
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert (tmp_path / "o" / "log.txt").read_text().splitlines()[-1] == err[0]
+    assert signal.getsignal(signal.SIGINT) is usual                            # restored
+    monkeypatch.setattr(sra2, "training_loss", real_loss)
+    tiny_demo.main([*argv, "--resume", "--runs", "baseline"])
+    assert "resumed at step 3" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -2497,7 +2560,10 @@ def test_fid_cli_bad_weights_file_is_one_line_naming_it(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     # The reasons in brackets are torch's own words (its versions vary them); the start is ours.
-    for name, reason in [("junk.pth", "("), ("hello.pth", "(KeyError: "),
+    (tmp_path / "afile.txt").write_text("this is a text file\n")
+    for name, reason in [("junk.pth", "(not a file torch.save wrote)"),
+                         ("hello.pth", "(not a file torch.save wrote)"),
+                         ("afile.txt", "(not a file torch.save wrote)"),
                          ("other.pth",
                           "(RuntimeError: Error(s) in loading state_dict for FIDInceptionV3: "),
                          ("tensor.pth", "(AttributeError: ")]:
@@ -2514,15 +2580,16 @@ def test_fid_cli_bad_weights_file_is_one_line_naming_it(tmp_path, capsys):
 
 
 def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monkeypatch):
-    """A failed run leaves an existing PATH2 byte for byte; a save that fails midway leaves the old
-    file and no temp file; a good run replaces it and names its convention."""
+    """An existing PATH2 is refused before any work, byte for byte kept; a save that fails midway
+    leaves no file and no temp file; a good run writes it and names its convention."""
     folder, out = _fid_image_folder(tmp_path / "images"), tmp_path / "s.npz"
     fid.save_statistics(out, np.zeros(3), np.eye(3), convention="tf")
     before = out.read_bytes()
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu", "--weights",
-                             tmp_path / "junk.pth"])
+    assert _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu", "--weights",
+                                    tmp_path / "none.pth"]) == \
+        f"--save-stats: {out} exists; give another file name, or move it away (nothing was changed)"
     assert out.read_bytes() == before
+    out.unlink()
 
     def torn_savez(file, **arrays):  # file: the temporary .npz path
         Path(file).write_bytes(b"PK half")
@@ -2532,14 +2599,39 @@ def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monke
         patch.setattr(np, "savez", torn_savez)
         assert _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu"]) == \
             "[Errno 28] No space left on device"
-    assert out.read_bytes() == before
-    # no temp file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "junk.pth", "s.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]   # no temp file
     argv = [str(folder), str(out), "--save-stats", "--device", "cpu", "--convention", "pytorch-fid"]
     assert fid.main(argv) is None
     assert capsys.readouterr().out == f"saved statistics (pytorch-fid convention) to {out}\n"
     assert fid.load_statistics(out)[0].shape == (2048,)
     assert fid.load_statistics(out, return_convention=True)[2] == "pytorch-fid"
+
+
+def test_fid_cli_checks_counts_and_conventions_before_the_network(tmp_path, capsys):
+    """One image, or statistics of two conventions (a folder's is --convention), are refused
+    before the Inception weights are even looked for."""
+    one = _fid_image_folder(tmp_path / "one", sizes=[(8, 8)])
+    two = _fid_image_folder(tmp_path / "two")
+    no_weights = ["--weights", tmp_path / "none.pth", "--device", "cpu"]
+    assert _fid_error_line(capsys, [one, two, *no_weights]) == \
+        f"{one}: 1 image; FID needs a covariance, so at least 2"
+    fid.save_statistics(tmp_path / "a.npz", np.zeros(3), np.eye(3), convention="tf")
+    fid.save_statistics(tmp_path / "b.npz", np.zeros(3), np.eye(3), convention="pytorch-fid")
+    mixed = "the statistics use different conventions (pytorch-fid vs tf): FID is meaningless"
+    assert _fid_error_line(capsys, [tmp_path / "a.npz", tmp_path / "b.npz"]).startswith(mixed)
+    assert _fid_error_line(capsys, [tmp_path / "a.npz", two, *no_weights, "--convention",
+                                    "pytorch-fid"]).startswith(mixed)
+
+
+def test_fid_cli_names_each_folder_in_its_progress_lines(tmp_path, capsys, monkeypatch):
+    """Two small folders (one batch each, which the progress bar alone never shows): each pass
+    says which folder it reads."""
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: _FidStandIn())
+    a, b = _fid_image_folder(tmp_path / "a"), _fid_image_folder(tmp_path / "b")
+    fid.main([str(a), str(b), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"Inception features of {a} (2 images)" in err
+    assert f"Inception features of {b} (2 images)" in err
 
 
 # ---------------------------------------------------------------- tiny_demo.py

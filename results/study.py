@@ -82,7 +82,8 @@ def run(jobs, lanes, data, work, threads=1, command=command):
             return f"{job}: done before"
         log = Path(work) / f"{job}.log"
         with open(log, "w") as f:
-            rc = subprocess.call(command(job, data, work, threads) + ["--resume"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            resume = ["--resume"] * any((Path(work) / job).glob("ckpt/*.pt"))     # only where there is one
+            rc = subprocess.call(command(job, data, work, threads) + resume, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         return f"{job}: exit {rc} ({log})"
     with ThreadPoolExecutor(lanes) as pool:
         for line in pool.map(one, jobs):
