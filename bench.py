@@ -80,7 +80,7 @@ def load_official(path):
     try:
         spec.loader.exec_module(module)
     except ModuleNotFoundError as error:
-        raise ValueError(f"--official {path} needs the module {error.name!r} (SiT's models.py "
+        raise ValueError(f"--official {path} needs the Python module {error.name!r} (SiT's models.py "
                          f"imports timm: pip install timm)") from None
     except Exception as error:
         raise ValueError(f"--official {path} does not run ({type(error).__name__}: {error})") \

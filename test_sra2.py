@@ -634,6 +634,21 @@ def test_sra2_and_repa_terms_together_on_a_dit_shaped_model():
     assert torch.isfinite(sra2.training_loss(model, z, y, P_sra, align_depth=1, t=t)["align"])
 
 
+def test_a_model_returning_v_and_extras_trains_like_one_returning_v():
+    """REPA's SiT returns (v, zs): training_loss takes v, the tuple's first item."""
+    class WithExtras(DiTShaped):
+        def forward(self, x, t, y):
+            return super().forward(x, t, y), [torch.zeros(1)]               # (v, zs)
+    torch.manual_seed(0)
+    plain, extras = DiTShaped(), WithExtras()
+    extras.load_state_dict(plain.state_dict())
+    z, t, y = batch()
+    eps, projector = torch.randn_like(z), sra2.Projector(32, 16)
+    a, b = (sra2.training_loss(m, z, y, projector, align_depth=2, t=t, eps=eps)
+            for m in (plain, extras))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_readme_snippets_run_on_a_dit_shaped_model():
     """Both snippets of "Add SRA 2 to your training script", run as written on a model that is
     not sra2's SiT: the loss holds the alignment term, P gets gradients, no hook stays behind, and
@@ -1127,6 +1142,35 @@ def test_fid_equals_exact_references_including_rank_deficient(seed, d, n1, n2):
         assert abs(ours - _fid_sqrtm_reference(mu1, sigma1, mu2, sigma2)) <= 1e-6 * scale
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=_fid_seeds, d=_fid_dims, n1=st.integers(2, 50), n2=st.integers(2, 50),
+       cut=st.integers(1, 49))
+def test_fid_from_the_features_own_factors_equals_the_eigendecomposition_route(seed, d, n1, n2,
+                                                                               cut):
+    """compute_statistics(return_factor=True) of N <= D images: C (D, N) with C C^T = sigma, from
+    the features streamed in two batches (None once N > D); frechet_distance with both factors,
+    one, or none gives one number (the factors skip the D x D eigendecompositions)."""
+    x1, x2 = _fid_random_points(seed, d, n1), _fid_random_points(seed + 1, d, n2)
+    stats = []
+    for x in (x1, x2):
+        feats = fid.FeatureStats()
+        for part in (x[:cut], x[cut:]):
+            if len(part):
+                feats.update(torch.from_numpy(part))
+        stats.append((*feats.mean_cov(), feats.factor()))
+    (mu1, sigma1, c1), (mu2, sigma2, c2) = stats
+    for x, sigma, c in ((x1, sigma1, c1), (x2, sigma2, c2)):
+        if len(x) > d:
+            assert c is None
+        else:
+            assert c.shape == (d, len(x))
+            np.testing.assert_allclose(c @ c.T, np.cov(x.T), atol=1e-10 * np.abs(sigma).max())
+    scale = _fid_scale(mu1, sigma1, mu2, sigma2)
+    plain = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    for f1, f2 in ((c1, c2), (c1, None), (None, c2)):
+        assert abs(fid.frechet_distance(mu1, sigma1, mu2, sigma2, f1, f2) - plain) <= 1e-9 * scale
+
+
 def test_fid_float32_statistics_are_computed_in_float64():
     mu1, sigma1 = _fid_random_stats(0, 16, 40)
     mu2, sigma2 = _fid_random_stats(1, 16, 40)
@@ -1520,6 +1564,31 @@ def test_fid_meter_is_fid_py_against_its_cached_reference(tmp_path, monkeypatch)
     assert len(list(tmp_path.glob("fid-ref-*.npz"))) == 1
 
 
+def test_long_times_are_in_hours():
+    assert [fid.fmt_time(s) for s in (3.24, 42, 425, 3599, 7500, 865722)] == [
+        "3.2s", "42s", "7m05s", "59m59s", "2h05m", "240h"]
+
+
+def test_quick_conflicts_with_another_preset(capsys):
+    assert error_line(capsys, ["--quick", "--preset", "cpu"]) == \
+        "tiny_demo: error: --quick is --preset quick: it conflicts with --preset cpu"
+    assert tiny_demo.parse_args(["--quick", "--preset", "quick"]).preset == "quick"
+    assert tiny_demo.parse_args([]).preset == "full"
+
+
+def test_no_final_fid_column_without_a_final_fid(reference_run):
+    """--final-fid-n 0: the table has no final-FID column (no "FID-0k" header of dashes)."""
+    _, records = reference_run
+    s = tiny_demo.parse_args([*RESUME, "--final-fid-n", "0"])
+    tiny_demo.check(s)
+    runs = [("", "", tiny_demo.make_run(s, name, name, name == "sra2"))
+            for name in ("baseline", "sra2")]
+    lines = tiny_demo.seed_table(s, runs, records, 0)
+    assert "FID-0" not in lines[1] and "FID-3 2-step" in lines[1]
+    cells = lambda line: re.split(r"\s{2,}", line.strip())
+    assert len(cells(lines[1])) == len(cells(lines[3])) == 10          # a cell under every head
+
+
 def test_cpu_preset_settings():
     s = tiny_demo.parse_args(["--preset", "cpu"])
     tiny_demo.check(s)
@@ -1602,14 +1671,16 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     assert not torch.equal(next_epoch, seen)
 
 
-def test_stage1_cache_is_keyed_by_settings_and_latents_are_normalised(tmp_path):
+def test_stage1_cache_is_keyed_by_settings_and_latents_are_normalised(tmp_path, capsys):
     s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--vae-steps", "2"])
     tiny_demo.check(s)
     images, _ = tiny_demo.synthetic_images(16)
     first = tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
     assert abs(first.latents.mean()) < 0.02 and abs(first.latents.std() - 1) < 0.02
     assert first.latents.shape == (2, 16, 4, 16, 16)
+    assert ", made in " in capsys.readouterr().out
     again = tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
+    assert ", read from the cache (made in " in capsys.readouterr().out
     assert torch.equal(first.latents, again.latents)
     assert len(list(tmp_path.glob("stage1-*.pt"))) == 1
     s.vae_kl = 1e-3
@@ -1720,6 +1791,23 @@ def test_charts_and_grids_are_pngs(tmp_path):
     # 2 rows of 4 px, 2 cols of 5 px
     assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
     assert (grid[1:5, 1:6] == 7).all() and (grid[6:10, 7:12] == 255).all()   # 4th cell empty
+
+
+def test_legend_is_measured_so_no_label_is_cut_and_log_axes_say_so(tmp_path, monkeypatch):
+    """A long label widens the picture (the plot keeps its width): its last columns stay white,
+    where a fixed legend width would cut the text at the edge; a log axis is labelled so."""
+    texts = []
+    real_text = demo_infra.ImageDraw.ImageDraw.text
+    monkeypatch.setattr(demo_infra.ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k:
+                        texts.append(text) or real_text(self, xy, text, *a, **k))
+    label = "baseline, mean of seeds 2, 3, 4, and a label longer than any legend in this repository"
+    demo_infra.line_chart(tmp_path / "c.png", [(label, [1, 2, 3], [0.7, 0.6, 0.5]),
+                                              ("b", [1, 2, 3], [0.71, 0.6, 0.52])],
+                         "t", "x", "held-out loss", logy=True)
+    with Image.open(tmp_path / "c.png") as image:
+        pixels = np.asarray(image)
+    assert pixels.shape[1] > 900 and (pixels[:, -6:] == 255).all()
+    assert "held-out loss (log scale)" in texts and label in texts
 
 
 def test_synthetic_data_is_deterministic_and_class_dependent():
@@ -2078,6 +2166,38 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
         made = study.record(job, tmp_path)
         assert {"command", "commit", "machine"} <= set(made) and "tiny_demo.py" in made["command"]
     assert set(study.record(study.CONFIRM[0], tmp_path)["runs"]) == {"baseline", "sra2"}
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def test_study_pictures_name_the_seeds_each_line_and_dot_has(monkeypatch):
+    """study_steps.png: a screen line names its seeds (one seed is not "mean of seeds 0, 1");
+    study_gap.png: its title does not say every row has two seeds; charts are only captured."""
+    study, drawn = _study(), {}
+    monkeypatch.setattr(demo_infra, "line_chart", lambda path, series, title, *a, **k:
+                        drawn.__setitem__(Path(path).name, (series, title)))
+    monkeypatch.setattr(study, "gap_chart", lambda path, rows, title:
+                        drawn.__setitem__(Path(path).name, (rows, title)))
+    study.charts(study.load_records())
+    labels = [series[0] for series in drawn["study_steps.png"][0] if series[0]]
+    assert "small SiT, screen, seed 0" in labels and "lambda 0.1, screen, seeds 0, 1" in labels
+    rows, title = drawn["study_gap.png"]
+    assert any(len(gaps) == 1 for _, gaps in rows) and "seeds 0 and 1" not in title
+
+
+def test_study_passes_resume_only_where_a_checkpoint_is(tmp_path):
+    study = _study()
+    (tmp_path / "a-s0" / "ckpt").mkdir(parents=True)
+    (tmp_path / "a-s0" / "ckpt" / "sra2.pt").write_bytes(b"")
+    echo = lambda job, data, work, threads: [sys.executable, "-c", "import sys; print(sys.argv)"]
+    study.run(["a-s0", "b-s0"], 1, None, tmp_path, command=echo)
+    assert "--resume" in (tmp_path / "a-s0.log").read_text()
+    assert "--resume" not in (tmp_path / "b-s0.log").read_text()
 
 
 def test_resume_with_other_settings_names_them(reference_run, tmp_path, capsys):
@@ -2895,3 +3015,45 @@ def test_flop_count_of_b2_and_projector_overhead():
     D = 768
     projector = 6 * 256 * (D * 2 * D + 3 * (2 * D) ** 2 + 2 * D * 16)
     assert with_p - base == pytest.approx(projector, rel=0.01)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "gpu"], "device 'gpu': expected cpu, cuda, cuda:N or mps"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"],
+     f"device 'cuda:{torch.cuda.device_count()}': this machine has "
+     f"{torch.cuda.device_count()} CUDA device(s)"),
+    (["--official", "/nope/models.py"], "--official /nope/models.py: no such file"),
+    (["--official", "README.md"], "--official README.md: not a Python file (SiT's models.py)"),
+    (["--official", "TIMM"], "needs the Python module 'timm_is_not_installed_here' (SiT's "
+                             "models.py imports timm: pip install timm)"),
+    (["--official", "NOSIT"], "no class SiT in it (SiT's models.py)"),
+    (["--flops"], "--flops: {flops} exists (the committed record); pass --overwrite to replace "
+                  "it, or move it away"),
+])
+def test_bench_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, capsys,
+                                                     monkeypatch):
+    """Nothing timed, nothing written (results/flops.json, tracked, is kept byte for byte)."""
+    monkeypatch.chdir(HERE)
+    (tmp_path / "timm.py").write_text("import timm_is_not_installed_here\nclass SiT: pass\n")
+    (tmp_path / "nosit.py").write_text("x = 1\n")
+    argv = [{"TIMM": str(tmp_path / "timm.py"), "NOSIT": str(tmp_path / "nosit.py")}.get(a, a)
+            for a in argv]
+    flops = HERE / "results" / "flops.json"
+    before = flops.read_bytes()
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("benchmark ran"))
+    monkeypatch.setattr(bench, "train_flops_per_image", lambda *a: pytest.fail("counted"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("bench.py: error: ")
+    assert expected.format(flops=flops) in err[0], err
+    assert flops.read_bytes() == before
+
+
+def test_bench_rows_show_their_spread_and_say_when_it_is_too_wide():
+    assert bench.spread_note(0.010, 0.012) == "  10.0-12.0 ms"
+    assert bench.spread_note(0.048, 3.708) == \
+        "  48.0-3708.0 ms  spread 77.2x: too wide to read (a busy machine?)"
+    assert "too wide" in bench.spread_note(0.010, 0.0151) and \
+        "too wide" not in bench.spread_note(0.010, 0.0149)
+
