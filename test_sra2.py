@@ -43,19 +43,29 @@ import sra2
 import tiny_demo
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared"       # files that cannot be downloaded here: CI has them beside it
-NOT_SHARED = f"needs {SHARED} beside the checkout (reference files and weights)"
-OFFICIAL_KEYS = SHARED / "reference" / "sit_state_dict_keys.txt"   # the released SiT's state dict
-INCEPTION = SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"          # FID Inception, no fc
-INCEPTION_FP16 = SHARED / "weights" / "pt_inception-2015-12-05-nofc-fp16.pth"
-ORACLE = SHARED / "weights" / "reference_features.npz"   # pytorch-fid / NVIDIA features of images
+# Oracle files that cannot be downloaded here: in the folder $SRA2_ORACLES names (side by side, or
+# in reference/ and weights/ as CI keeps them in ../shared beside the checkout, the default).
+SHARED = Path(os.environ.get("SRA2_ORACLES") or HERE.parent / "shared")
+
+
+def oracle(sub, name):
+    """SHARED/name, else SHARED/sub/name."""
+    return SHARED / name if (SHARED / name).is_file() else SHARED / sub / name
+
+
+OFFICIAL_KEYS = oracle("reference", "sit_state_dict_keys.txt")   # the released SiT's state dict
+INCEPTION = oracle("weights", "pt_inception-2015-12-05-nofc.pth")             # FID Inception, no fc
+INCEPTION_FP16 = oracle("weights", "pt_inception-2015-12-05-nofc-fp16.pth")
+ORACLE = oracle("weights", "reference_features.npz")     # pytorch-fid / NVIDIA features of images
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 fast = settings(max_examples=20, deadline=None)
 
 
 def needs_shared(*paths):
-    """Skip the test unless these files are in SHARED."""
-    return pytest.mark.skipif(not all(path.is_file() for path in paths), reason=NOT_SHARED)
+    """Skip the test unless these files are in SHARED, naming the missing ones."""
+    missing = [path.name for path in paths if not path.is_file()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} in the folder "
+                              "SRA2_ORACLES=... names (README, Tests)")
 
 
 # ---------------------------------------------------------------- shared helpers: the tiny SiT
