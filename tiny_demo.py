@@ -2,8 +2,10 @@
 """tiny_demo.py: does SRA 2 make a diffusion transformer converge faster? CIFAR-10 on one GPU.
 
     python tiny_demo.py                  # the demo on one GPU (--help lists every knob)
-    python tiny_demo.py --preset cpu     # the same question on two CPU cores (smaller SiT)
-    python tiny_demo.py --quick          # CPU smoke test of the whole pipeline (synthetic data)
+    python tiny_demo.py --preset cpu     # the same question on two CPU cores (smaller SiT, two
+                                         # seeds: about 66 min on two free cores)
+    python tiny_demo.py --quick          # CPU smoke test of the whole pipeline (synthetic data,
+                                         # about a minute on two busy cores)
     python tiny_demo.py --ablate         # Table 1 of the paper in miniature
     python tiny_demo.py ... --resume     # after a crash or a kill: the same flags, plus --resume
     torchrun --nproc_per_node=N tiny_demo.py   # N GPUs (DDP): the same run, the batch split N ways
@@ -57,12 +59,13 @@ DEMO_MODELS.update({f"{d}x{w}": ("SiT-S/2", dict(depth=d, hidden_size=w, num_hea
                                                  align_depth=max(1, d // 6 if d <= 12 else d // 3)))
                     for d, w in [(6, 64), (12, 64), (24, 64), (3, 128), (6, 128), (12, 128)]})
 PRESETS = ("full", "cpu", "quick")
-PRESET_HELP = ("full (default): one GPU, not yet timed, on a CPU about 240h; cpu: two seeds, each a "
-               "baseline + SRA 2 pair, 33 min a pair on two free cores, about 2h here with the "
-               "FID reference; quick: a smoke test, QUICK_TIME on two busy cores")
+PRESET_HELP = ("full (default): one GPU, not yet timed (a CPU prints its estimate first: about 240h "
+               "on two cores); cpu: two seeds, each a baseline + SRA 2 pair, about 66 min on two "
+               "free cores; quick: a smoke test on synthetic data, 63 s on two busy cores")
 # Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag wins.
 # full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
-# cpu: two CPU cores (README, Results); quick: all stages in seconds, on one thread (small ops).
+# cpu: two CPU cores (README, Results); quick: all stages in about a minute, on one thread (small
+# ops), its FIDs of 4 images (cheap with fid.frechet_distance's factors; the Inception passes cost).
 KNOBS = {
     "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8), "
               "or BLOCKSxWIDTH of the depth sweep (24x64)"),
@@ -97,11 +100,11 @@ KNOBS = {
     "heldout_n": ([2000, 1000, 12], "test images in the held-out set"),
     "heldout_evals": ([10, 8, 2], "held-out loss checkpoints, 0 = none"),
     "evals": ([5, 3, 2], "FID checkpoints per run, 0 = none (--ablate: 1)"),
-    "fid_n": ([2000, 250, 8], "images per checkpoint FID"),
+    "fid_n": ([2000, 250, 4], "images per checkpoint FID"),
     "fid_sampling_steps": ([50, 25, 10], "SDE steps for the checkpoint FIDs"),
-    "final_fid_n": ([5000, 0, 8], "images for the final FID, 0 = none"),
+    "final_fid_n": ([5000, 0, 4], "images for the final FID, 0 = none"),
     "final_sampling_steps": ([250, 50, 20], "SDE steps for the final FID"),
-    "fid_ref_n": ([50000, 1000, 16], "training images in the FID reference"),
+    "fid_ref_n": ([50000, 1000, 8], "training images in the FID reference"),
     "sample_batch": ([1000, 250, 64], "images per sampler batch"),
     "ckpt_minutes": (3.0, "checkpoint period, 0 = never"),
     "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
