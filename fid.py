@@ -542,13 +542,14 @@ def _run(args):
     _require(len(conventions) <= 1 or out, f"the statistics use different conventions "
              f"({' vs '.join(sorted(conventions))}): FID is meaningless (--convention sets a "
              "folder's)")
-    model = load_inception(args.weights, args.device) if folders else None
+    model, factors = load_inception(args.weights, args.device) if folders else None, {}
     for path, (n, batches) in folders.items():  # (mu, sigma, convention) as from an .npz file
         print(f"Inception features of {path} ({n} images) ...", file=sys.stderr, flush=True)
-        stats[path] = (*compute_statistics(batches, model=model, batch_size=args.batch_size,
-                                           device=args.device, convention=args.convention,
-                                           progress=f"Inception features of {path}", total=n),
-                       args.convention)
+        mu, sigma, factors[path] = compute_statistics(
+            batches, model=model, batch_size=args.batch_size, device=args.device,
+            convention=args.convention, progress=f"Inception features of {path}", total=n,
+            return_factor=True)                 # N <= D: the FID needs no eigendecomposition
+        stats[path] = (mu, sigma, args.convention)
     if out:
         save_statistics(out, *stats[inputs[0]])
         print(f"saved statistics ({args.convention} convention) to {out}")
@@ -556,7 +557,7 @@ def _run(args):
         (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in inputs)
         if len(mu1) >= 512:  # two D x D eigendecompositions and an SVD: seconds to minutes on a CPU
             print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
-        fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+        fid = frechet_distance(mu1, sigma1, mu2, sigma2, *(factors.get(p) for p in inputs))
         print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
     for path, n in ((path, n) for path, (n, _) in folders.items() if n < 2048):  # after the result
         print(f"warning: {path} has {n} images, fewer than the 2048 features: FID reads high "
