@@ -11,8 +11,9 @@ SD-VAE), in fp32/TF32, bf16 autocast, and bf16 + torch.compile (CUDA). Every row
 timed steps after warm-up, with the device synchronised around each. TFLOP/s counts the step's
 FLOPs (torch's FlopCounterMode on a meta-device copy) and is set against one large matmul timed
 in the same run, the practical ceiling. Beside each median: min and max of the timed steps, and a
-warning where they are more than 1.5x apart (a busy machine: the row is not a measurement). The official SiT (`--official`) is timed through the
-same training_loss: SRA 2 reads its blocks with sra2.tap, no change to its code.
+warning where they are more than 1.5x apart (a busy machine: the row is not a measurement). The
+official SiT (`--official`) is timed through the same training_loss: SRA 2 reads its blocks with
+sra2.tap, no change to its code.
 """
 import importlib.util
 import json
@@ -80,8 +81,8 @@ def load_official(path):
     try:
         spec.loader.exec_module(module)
     except ModuleNotFoundError as error:
-        raise ValueError(f"--official {path} needs the Python module {error.name!r} (SiT's models.py "
-                         f"imports timm: pip install timm)") from None
+        raise ValueError(f"--official {path} needs the Python module {error.name!r} (SiT's "
+                         "models.py imports timm: pip install timm)") from None
     except Exception as error:
         raise ValueError(f"--official {path} does not run ({type(error).__name__}: {error})") \
             from None

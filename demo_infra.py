@@ -57,8 +57,8 @@ def say(*lines):
 
 
 def fail(line):
-    """An error line on stderr (rank 0), and in the log, which holds what the user saw."""
-    if rank_and_world()[0] == 0:
+    """An error line on stderr (rank 0, also before the process group), and in the log."""
+    if os.environ.get("RANK", "0") == "0":                     # every rank fails alike; one says so
         print(line, file=sys.stderr, flush=True)
         if LOG_FILE is not None:
             with open(LOG_FILE, "a") as f:
@@ -368,9 +368,10 @@ def load_checkpoint(path, args, run, mmap=False):
     changed = [k for k in sorted(set(then) | set(now)) if (k not in RESUME_FREE or k == "seed")
                and show(then.get(k)) != show(now.get(k))]
     if changed:
+        name = lambda k: "the run" if k == "run" else "--" + k.replace("_", "-")
         diffs = "; ".join("the training data" if k == "data_id" else
-                          f"{'the run' if k == 'run' else '--' + k.replace('_', '-')}: "
-                          f"{brief(then.get(k))} there, {brief(now.get(k))} now" for k in changed[:3])
+                          f"{name(k)}: {brief(then.get(k))} there, {brief(now.get(k))} now"
+                          for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise DemoError(f"--resume: {path} is from another run ({diffs}{more}); {fix}, or resume "
                         "with its settings")

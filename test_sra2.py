@@ -2871,7 +2871,7 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     (["--final-sampling-steps", "0"], "--final-sampling-steps must be >= 1, got 0"),
     (["--n-images", "0"], "--n-images must be >= 1"),
     (["--vae-width", "12"], "--vae-width must be a multiple of 8"),
-    (["--evals", "11"], "--evals 11 / --heldout-evals 3: more than --steps 10"),
+    (["--evals", "11"], "--evals 11 / --heldout-evals 2: more than --steps 10"),
     (["--heldout-evals", "11"], "--evals 5 / --heldout-evals 11: more than --steps 10"),
     (["--align-depth", "0"], "--align-depth 0 is beyond tiny's 4 blocks (choose 1..4)"),
     (["--device", "abc"], "--device abc:"),

@@ -59,9 +59,9 @@ DEMO_MODELS.update({f"{d}x{w}": ("SiT-S/2", dict(depth=d, hidden_size=w, num_hea
                                                  align_depth=max(1, d // 6 if d <= 12 else d // 3)))
                     for d, w in [(6, 64), (12, 64), (24, 64), (3, 128), (6, 128), (12, 128)]})
 PRESETS = ("full", "cpu", "quick")
-PRESET_HELP = ("full (default): one GPU, not yet timed (a CPU prints its estimate first: about 240h "
-               "on two cores); cpu: two seeds, each a baseline + SRA 2 pair, about 66 min on two "
-               "free cores; quick: a smoke test on synthetic data, 63 s on two busy cores")
+PRESET_HELP = ("full (default): one GPU, not yet timed (a CPU prints its estimate first: about "
+               "240h on two cores); cpu: two seeds, each a baseline + SRA 2 pair, about 66 min "
+               "on two free cores; quick: a smoke test on synthetic data, 63 s on two busy cores")
 # Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag wins.
 # full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
 # cpu: two CPU cores (README, Results); quick: all stages in about a minute, on one thread (small
@@ -712,9 +712,9 @@ def main(argv=None):
             dist.barrier()                                     # no rank leaves while another talks
         return records
     except (DemoError, FileNotFoundError) as error:            # FileNotFound: Inception weights
-        fail("tiny_demo: error: " + " ".join(str(error).split()))   # rank 0's: every rank fails alike
+        fail("tiny_demo: error: " + " ".join(str(error).split()))         # in the log too
         raise SystemExit(getattr(error, "status", 2))
-    except KeyboardInterrupt:                                  # a second Ctrl-C, or outside training
+    except KeyboardInterrupt:                                  # a second Ctrl-C, or not training
         fail("tiny_demo: interrupted (Ctrl-C); checkpoints saved before it are kept")
         raise SystemExit(130)
     finally:                                                   # main() may be called in-process
