@@ -3,19 +3,22 @@
     python bench.py                           # SiT-B/2 batch 256 and SiT-XL/2 batch 64 (a GPU)
     python bench.py --quick                   # tiny sizes: a smoke run on a CPU
     python bench.py --official PATH/models.py # also the official SiT code, side by side
-    python bench.py --flops                   # training FLOPs per image, counted, no timing
+    python bench.py --flops                   # training FLOPs per image, counted, no timing:
+                                              # written to results/flops.json (--overwrite)
 
 A training step is forward + backward + fused AdamW on 32x32x4 latents (ImageNet 256 with the
 SD-VAE), in fp32/TF32, bf16 autocast, and bf16 + torch.compile (CUDA). Every row is the median of
 timed steps after warm-up, with the device synchronised around each. TFLOP/s counts the step's
 FLOPs (torch's FlopCounterMode on a meta-device copy) and is set against one large matmul timed
-in the same run, the practical ceiling. The official SiT (`--official`) is timed through the
-same training_loss: SRA 2 reads its blocks with sra2.tap, no change to its code.
+in the same run, the practical ceiling. Beside each median: min and max of the timed steps, and a
+warning where they are more than 1.5x apart (a busy machine: the row is not a measurement). The
+official SiT (`--official`) is timed through the same training_loss: SRA 2 reads its blocks with
+sra2.tap, no change to its code.
 """
-import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +26,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import demo_infra
+import fid
 import sra2
 
+WIDE = 1.5                     # max / min of a row's timed steps beyond which it says so
 
-def timed(fn, device, warmup, iters):
-    """Median seconds per call of fn() after warmup calls, synchronising the device around each."""
+
+def timed(fn, device, warmup, iters, spread=False):
+    """Median seconds per call of fn() after warmup calls, synchronising the device around each;
+    spread: (min, median, max)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -38,7 +45,15 @@ def timed(fn, device, warmup, iters):
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return (min(times), statistics.median(times), max(times)) if spread else \
+        statistics.median(times)
+
+
+def spread_note(low, high):
+    """The min-max range of a row's steps, and a warning when it is too wide to read."""
+    return f"  {1e3 * low:.1f}-{1e3 * high:.1f} ms" + (
+        f"  spread {high / low:.1f}x: too wide to read (a busy machine?)" if high > WIDE * low
+        else "")
 
 
 def train_flops_per_image(config, sra):
@@ -56,10 +71,22 @@ def train_flops_per_image(config, sra):
 
 
 def load_official(path):
-    """The official SiT models.py as a module (it needs timm, or a stand-in for its 3 classes)."""
+    """The official SiT models.py as a module (it needs timm, or a stand-in for its 3 classes);
+    anything else is a ValueError of one line."""
+    _require = fid._require
+    _require(Path(path).is_file(), f"--official {path}: no such file")
+    _require(path.endswith(".py"), f"--official {path}: not a Python file (SiT's models.py)")
     spec = importlib.util.spec_from_file_location("official_sit_models", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"--official {path} needs the Python module {error.name!r} (SiT's "
+                         "models.py imports timm: pip install timm)") from None
+    except Exception as error:
+        raise ValueError(f"--official {path} does not run ({type(error).__name__}: {error})") \
+            from None
+    _require(hasattr(module, "SiT"), f"--official {path}: no class SiT in it (SiT's models.py)")
     return module
 
 
@@ -95,7 +122,7 @@ def bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offici
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, device, warmup, iters)
+    low, seconds, high = timed(step, device, warmup, iters, spread=True)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     compile_err = None
     if net is not model:                                           # compiled vs eager, same inputs
@@ -110,6 +137,7 @@ def bench_train(name, batch, mode, sra, device, overrides, warmup, iters, offici
                           for k in ("denoise", "align") if b[k])
     return dict(model=name + (" (official)" if official else ""), batch=batch, mode=mode, sra2=sra,
                 img_s=batch / seconds, ms=1e3 * seconds, peak_gib=peak, compile_err=compile_err,
+                low=low, high=high,
                 tflops=flops * batch / seconds / 1e12)
 
 
@@ -175,7 +203,7 @@ def _benchmark(device, quick, official):
             err = r["compile_err"]
             print(f"{r['model']:<20}{batch:>6}  {mode:<13}{'on' if sra else 'off':<7}"
                   f"{r['img_s']:>9.1f}{r['ms']:>9.1f}{peak:>10}{r['tflops']:>9.3g}"
-                  f"{r['tflops'] / ceiling:>8.0%}"
+                  f"{r['tflops'] / ceiling:>8.0%}" + spread_note(r["low"], r["high"])
                   + (f"  compiled vs eager loss: {err:.1e} relative" if err is not None else ""),
                   flush=True)
             if device.type == "cuda":
@@ -192,13 +220,20 @@ def _benchmark(device, quick, official):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = fid.OneLineParser(prog="bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one)")
     parser.add_argument("--official", default=None, metavar="MODELS_PY",
                         help="also time the official SiT models.py (needs timm; not committed)")
-    parser.add_argument("--flops", action="store_true", help="training GFLOP per image, no timing")
+    parser.add_argument("--flops", action="store_true", help="training GFLOP per image, no "
+                        "timing, written to results/flops.json (a committed record: refused if it "
+                        "exists, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="--flops: replace the record")
     args = parser.parse_args(argv)
+    record_path = Path(__file__).resolve().parent.joinpath("results", "flops.json")
+    if args.flops and record_path.is_file() and not args.overwrite:
+        parser.error(f"--flops: {record_path} exists (the committed record); pass --overwrite to "
+                     "replace it, or move it away")
     if args.flops:                                     # counts, not timings: any machine gives them
         figures = {}
         for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):
@@ -213,10 +248,16 @@ def main(argv=None):
                       settings="forward + backward per image, 32x32x4 latents, 1000 classes, "
                       "SRA 2's default projector (5 layers, width 2D) at the preset's block",
                       figures=figures)
-        Path(__file__).resolve().parent.joinpath("results", "flops.json").write_text(
-            json.dumps(record, indent=1) + "\n")
+        fid.atomic_write(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)
+                                                                  + "\n"))
+        print(f"written to {record_path}")
         return
-    benchmark(sra2.pick_device(args.device), quick=args.quick, official_path=args.official)
+    try:
+        device = fid._check_device(args.device or sra2.pick_device())
+        args.official and load_official(args.official)            # its problems first, in a line
+    except ValueError as error:
+        parser.error(str(error))
+    benchmark(device, quick=args.quick, official_path=args.official)
 
 
 if __name__ == "__main__":

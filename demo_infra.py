@@ -12,8 +12,11 @@ import math
 import os
 import pickle
 import platform
+import signal
 import subprocess
+import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +33,12 @@ from fid import atomic_write, fmt_time
 
 class DemoError(Exception):
     """A problem with the user's input: tiny_demo.main prints it as one line, exit status 2."""
+    status = 2
+
+
+class Interrupted(DemoError):
+    """Ctrl-C, answered with a checkpoint: one line, exit status 130 (the shell's for SIGINT)."""
+    status = 130
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,6 +54,37 @@ def say(*lines):
         if LOG_FILE is not None:
             with open(LOG_FILE, "a") as f:
                 f.write("".join(line + "\n" for line in lines))
+
+
+def fail(line):
+    """An error line on stderr (rank 0, also before the process group), and in the log."""
+    if os.environ.get("RANK", "0") == "0":                     # every rank fails alike; one says so
+        print(line, file=sys.stderr, flush=True)
+        if LOG_FILE is not None:
+            with open(LOG_FILE, "a") as f:
+                f.write(line + "\n")
+
+
+STOP = []                           # set by Ctrl-C during training: stop after the step, saved
+USUAL_CTRL_C = []                   # the SIGINT handler that catch_ctrl_c replaced
+
+
+def catch_ctrl_c(on=True):
+    """on: the first Ctrl-C asks the training loop to stop after its step and save a checkpoint
+    (a second one stops at once); off: Ctrl-C as before. Not under torchrun, whose ranks would
+    have to agree on the step."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return STOP
+    if USUAL_CTRL_C:
+        signal.signal(signal.SIGINT, USUAL_CTRL_C.pop())
+    if on and torchrun_world() == 1:
+        def ask(signum, frame):
+            signal.signal(signal.SIGINT, USUAL_CTRL_C[0])                  # the next one: at once
+            STOP.append(True)
+            say("", "Ctrl-C: stopping after this step with a checkpoint (again: at once, without)")
+        USUAL_CTRL_C.append(signal.signal(signal.SIGINT, ask))
+    return STOP
 
 
 def setup(args):
@@ -86,6 +126,7 @@ def teardown():
     """The end of a run, also a failed one: the log closed, torchrun's process group left."""
     global LOG_FILE
     LOG_FILE = None
+    catch_ctrl_c(False)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -313,18 +354,27 @@ def load_checkpoint(path, args, run, mmap=False):
                         f"{reason}); {fix}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise DemoError(f"--resume: {path} is not a {CKPT_FORMAT} checkpoint; {fix}")
+    # SRA 2's settings are the run's (an ablation row changes them): compared there, and only for
+    # an SRA 2 run; a baseline does not use them.
+    sra_keys = set(vars(run)) - {"name", "label", "align", "settings"}
+    then = {**{k: v for k, v in ckpt["settings"].items() if k not in sra_keys}, "seed":
+            ckpt["record"]["seed"], "run": ckpt["run"]["name"]}
+    now = {**{k: v for k, v in vars(args).items() if k not in sra_keys}, "run": run.name}
+    if run.align and ckpt["run"].get("align"):
+        then.update({k: ckpt["run"].get(k) for k in sra_keys})
+        now.update({k: getattr(run, k) for k in sra_keys})
     show = lambda value: json.dumps(value, sort_keys=True, default=str)
-    then = {**ckpt["settings"], "run": ckpt["run"], "seed": ckpt["record"]["seed"]}
-    now = {**vars(args), "run": vars(run)}
+    brief = lambda value: show(value) if len(show(value)) <= 24 else show(value)[:20] + " ..."
     changed = [k for k in sorted(set(then) | set(now)) if (k not in RESUME_FREE or k == "seed")
                and show(then.get(k)) != show(now.get(k))]
-    name = lambda k: {"data_id": "the training data", "run": "the run's SRA 2 settings"}.get(
-        k, "--" + k.replace("_", "-"))
     if changed:
-        diffs = "; ".join(f"{name(k)}: {show(then.get(k))} there, {show(now.get(k))} now"
+        name = lambda k: "the run" if k == "run" else "--" + k.replace("_", "-")
+        diffs = "; ".join("the training data" if k == "data_id" else
+                          f"{name(k)}: {brief(then.get(k))} there, {brief(now.get(k))} now"
                           for k in changed[:3])
-        raise DemoError(f"--resume: {path} is from another run ({diffs}); {fix}, or resume with "
-                        "its settings")
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise DemoError(f"--resume: {path} is from another run ({diffs}{more}); {fix}, or resume "
+                        "with its settings")
     return ckpt
 
 
@@ -343,8 +393,9 @@ def resume(path, args, run, rec, **modules):
 
 
 def check_checkpoints(args, runs, out):
-    """Before any work. --resume: every checkpoint there must be readable and this run's.
-    Without it: an unfinished run's checkpoint is never overwritten by a fresh start."""
+    """Before any work. --resume: there must be a checkpoint, and every one there must be readable
+    and this run's. Without it: nothing in --out is written over, neither an unfinished run's
+    checkpoint (--resume continues it) nor a finished run's results."""
     found = False
     for args.seed in args.seeds:
         for path, run in ((ckpt_path(args, out, run), run) for _, _, run in runs):
@@ -353,7 +404,7 @@ def check_checkpoints(args, runs, out):
             elif path.is_file():
                 try:
                     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception:                              # unreadable: nothing to lose
+                except Exception:                              # unreadable: named below
                     continue
                 if "final_fid" not in ckpt["record"]:
                     raise DemoError(f"{path} holds an unfinished run (step {ckpt['step']} of "
@@ -361,29 +412,48 @@ def check_checkpoints(args, runs, out):
                                     "it, or move it away to start over")
     args.seed = args.seeds[0]
     if args.resume and not found:
-        say(f"--resume: no checkpoint in {Path(out) / 'ckpt'}; starting from scratch")
+        raise DemoError(f"--resume: no checkpoint of this run in {Path(out) / 'ckpt'}; nothing "
+                        "to resume (without --resume it starts from scratch)")
+    done = [p for p in [Path(out) / "results.json", *sorted(Path(out).glob("ckpt/*.pt"))]
+            if p.is_file()]
+    if done and not args.resume:
+        raise DemoError(f"--out {out} holds a run's results ({done[0]}): give another --out, or "
+                        "move it away; nothing was changed (the same settings with --resume "
+                        "reuse a finished run)")
 
 
 class FIDMeter:
     """FID of uint8 images against the (cached) Inception statistics of the training images;
-    fid.frechet_distance is exact also for the singular covariance of fewer than 2048 images."""
+    fid.frechet_distance is exact also for the singular covariance of fewer than 2048 images, and
+    with the factors C (S = C C^T) of both sides it needs no 2048 x 2048 eigendecomposition."""
 
     def __init__(self, args, images, data_id, device):
         self.device, n_ref = device, min(args.fid_ref_n, len(images))
         self.model, path = load_inception(args, device), reference_path(args, data_id, n_ref)
-        stats = read_cache(path, lambda: fid.load_statistics(path))
+        stats = read_cache(path, lambda: load_reference(path))
         if stats is None:
             say(f"FID reference: Inception statistics of {n_ref} training images (then cached)")
             stats = self.statistics(images[:n_ref])
-            atomic_write(path, lambda tmp: fid.save_statistics(tmp, *stats, "tf"))
-        self.mu, self.sigma = stats
+            factor = {} if stats[2] is None else dict(factor=stats[2])
+            atomic_write(path, lambda tmp: np.savez(tmp, mu=stats[0], sigma=stats[1],
+                                                    convention=np.array("tf"), **factor))
+        self.mu, self.sigma, self.factor = stats
+        if self.factor is None:                               # over 2048 images: once, not per FID
+            self.factor = fid.psd_factor(self.sigma)
 
     def statistics(self, images):          # small batches on a CPU: the progress line moves
         return fid.compute_statistics(images, self.model, 200 if self.device.type == "cuda" else 50,
-                                      self.device, progress=True)
+                                      self.device, progress=True, return_factor=True)
 
     def __call__(self, images):
-        return fid.frechet_distance(self.mu, self.sigma, *self.statistics(images))
+        mu, sigma, factor = self.statistics(images)
+        return fid.frechet_distance(self.mu, self.sigma, mu, sigma, self.factor, factor)
+
+
+def load_reference(path):
+    """(mu, sigma, factor or None) of a FIDMeter cache file."""
+    with np.load(path) as data:
+        return data["mu"], data["sigma"], data["factor"] if "factor" in data.files else None
 
 
 def load_inception(args, device):
@@ -445,13 +515,19 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=(900, 560)):
     """series: (label, xs, ys[, color index[, thin]]). Thin lines (one seed beside a mean) are a
     lighter shade without markers; a None label has no legend entry. Markers up to 30 points.
-    `note` is a red banner under the title (quick mode's)."""
+    `note` is a red banner under the title (quick mode's). The legend's width is measured: the
+    picture grows to the right to hold its longest label."""
     keep = lambda y: math.isfinite(y) and (y > 0 or not logy)
     series = [(label, [float(x) for x, y in zip(xs, ys) if keep(y)],
                [float(y) for y in ys if keep(y)], *style) for label, xs, ys, *style in series]
-    (W, H), left, right, top, bottom = size, 80, 200, 68, 60
-    image = Image.new("RGB", size, "white")
-    draw, font = title_and_note(image, left, title, note), ImageFont.load_default(12)
+    font = ImageFont.load_default(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_width = max([measure.textlength(s[0], font=font) for s in series if s[0] is not None],
+                       default=0)
+    (W, H), left, right, top, bottom = size, 80, max(200, 42 + math.ceil(legend_width) + 12), 68, 60
+    W = size[0] + right - 200                                  # the plot keeps its width
+    image = Image.new("RGB", (W, H), "white")
+    draw = title_and_note(image, left, title, note)
     xs = [x for s in series for x in s[1]] or [0.0, 1.0]
     ys = [y for s in series for y in s[2]] or [1.0, 2.0]
     xticks, yticks = axis_ticks(min(0.0, min(xs)), max(xs)), axis_ticks(min(ys), max(ys), logy)
@@ -467,6 +543,7 @@ def line_chart(path, series, title, xlabel, ylabel, logy=False, note=None, size=
         draw.text((px(v), H - bottom + 6), f"{v:g}", fill="black", font=font, anchor="ma")
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     draw.text(((left + W - right) / 2, H - 22), xlabel, "black", ImageFont.load_default(16), "mm")
+    ylabel += " (log scale)" if logy and "log" not in ylabel else ""
     draw.text((12, top - 22), ylabel, fill="black", font=font)
     legend = iter(range(len(series)))
     for i, (label, sx, sy, *style) in enumerate(series):

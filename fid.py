@@ -11,7 +11,7 @@ every FID printed names its own. Both match features saved from the real tools (
 FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over pool3 statistics (mu, S), in float64.
 IS  = exp(E_x KL(p(y|x) || p(y))) over 10 splits (as ADM, NVIDIA, torch-fidelity), mean and std.
 Shapes: N batch, H W image size, D = 2048 features, K = 1008 classes. Start reading at
-compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`.
+compute_statistics, then frechet_distance. CLI: `python fid.py PATH1 PATH2`, FID only.
 """
 import argparse
 import contextlib
@@ -49,10 +49,14 @@ def _require(ok, message, error=ValueError):
 # Script utilities (tiny_demo.py uses them too): time, progress line, atomic files, one-line errors
 
 def fmt_time(seconds):
-    """3.2s, 42s, 7m05s."""
+    """3.2s, 42s, 7m05s, 2h05m, 240h."""
     if seconds < 10:
         return f"{max(seconds, 0):.1f}s"
     seconds = round(seconds)
+    if seconds >= 36000:
+        return f"{round(seconds / 3600)}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -243,6 +247,9 @@ def load_inception(weights=None, device="cpu"):
                                     f"it at {cached}") from error
     path = Path(cached if path is None else path)
     _require(path.is_file(), f"FID Inception weights not found: {path}", FileNotFoundError)
+    with open(path, "rb") as file:                           # a zip (torch.save), or a pickle
+        _require(file.read(2) in (b"PK", b"\x80\x02"), f"{path}: not the FID Inception weights "
+                 "(not a file torch.save wrote)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # unused head
@@ -250,6 +257,8 @@ def load_inception(weights=None, device="cpu"):
         model.load_state_dict(state)  # strict; an fp16 file is cast up by the float32 parameters
     except Exception as error:  # not a torch file, truncated, not a state dict, other weights
         detail = " ".join(str(error).split())  # load_state_dict's message spans lines
+        if detail.startswith("Weights only load failed"):  # torch's advice to load it unsafely
+            detail = "it holds more than tensors; refused, as loading it could run code"
         detail = detail if len(detail) <= 160 else detail[:160] + " ..."
         raise ValueError(f"{path}: not the FID Inception weights "
                          f"({type(error).__name__}: {detail})") from error
@@ -299,7 +308,7 @@ class FeatureStats:
     """Streaming float64 mean and covariance in D + D^2 sums of f - shift (the first batch's mean:
     no digits cancel), kept on the features' device (the D x D update is fast on a GPU)."""
     def __init__(self):
-        self.n, self.shift, self.sum, self.sum_outer = 0, None, 0, 0
+        self.n, self.shift, self.sum, self.sum_outer, self.rows = 0, None, 0, 0, []
 
     def update(self, features):
         f = torch.as_tensor(features)
@@ -311,6 +320,8 @@ class FeatureStats:
         centred = f.to(self.shift.device) - self.shift  # (N, D)
         self.n, self.sum = self.n + f.shape[0], self.sum + centred.sum(dim=0)  # (D,)
         self.sum_outer = self.sum_outer + centred.T @ centred                  # (D, D)
+        keep = self.rows is not None and self.n <= f.shape[1]                  # while N <= D
+        self.rows = self.rows + [centred] if keep else None
 
     def mean_cov(self):
         """(mu (D,), sigma (D, D)) as float64 numpy; sigma is unbiased (divides by N - 1)."""
@@ -318,6 +329,14 @@ class FeatureStats:
         mean_centred = self.sum / self.n  # mean of f - shift
         sigma = (self.sum_outer - self.n * torch.outer(mean_centred, mean_centred)) / (self.n - 1)
         return (self.shift + mean_centred).cpu().numpy(), sigma.cpu().numpy()
+
+    def factor(self):
+        """C (D, N) with sigma = C C^T, C = (f - mu)^T / sqrt(N - 1) from the features themselves
+        (exact, no D x D eigendecomposition), or None once N > D (psd_factor(sigma) then)."""
+        if not self.rows:
+            return None
+        centred = torch.cat(self.rows)                                          # (N, D)
+        return ((centred - centred.mean(dim=0)).T / (self.n - 1) ** 0.5).cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -340,11 +359,13 @@ def _full_float32():
 
 
 def compute_statistics(images, model=None, batch_size=200, device=None, convention="tf",
-                       weights=None, progress=False, return_is_logits=False, total=None):
+                       weights=None, progress=False, return_is_logits=False, total=None,
+                       return_factor=False):
     """Pool3 (mu (D,), sigma (D, D)) float64 of N >= 2 uint8 RGB images, (N, H, W, 3) or (N, 3, H,
     W), numpy or torch, or an iterable of such batches (to stream generated images). model: from
     load_inception, else loaded from `weights`; progress: a line on stderr once it takes over 1 s
-    (`total`: N of an iterable); return_is_logits: also the (N, K) logits for inception_score."""
+    (`total`: N of an iterable; a string: the line's label); return_is_logits: also the (N, K)
+    logits for inception_score; return_factor: also FeatureStats.factor() for frechet_distance."""
     _require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
              f"batch_size must be an integer >= 1, got {batch_size!r}")
     if whole := isinstance(images, (np.ndarray, torch.Tensor)):
@@ -355,7 +376,8 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
     _require(not return_is_logits or getattr(model, "fc", None) is not None, f"Inception Score "
              f"needs the 1008-way fc layer of {FID_WEIGHTS_FILE}; -nofc files give features only")
     stats, all_logits = FeatureStats(), []
-    bar = Progress("Inception features", total, "img", file=sys.stderr) if progress else None
+    label = progress if isinstance(progress, str) else "Inception features"
+    bar = Progress(label, total, "img", file=sys.stderr) if progress else None
     # autocast off: a caller's bf16 context must not leak into the features.
     with torch.no_grad(), _full_float32(), torch.autocast(torch.device(device).type, enabled=False):
         for batch in [images] if whole else images:
@@ -372,7 +394,8 @@ def compute_statistics(images, model=None, batch_size=200, device=None, conventi
         bar.close()
     _require(stats.n > 0, "no images were given")
     mu, sigma = stats.mean_cov()
-    return (mu, sigma, np.concatenate(all_logits)) if return_is_logits else (mu, sigma)
+    extra = [np.concatenate(all_logits)] if return_is_logits else []
+    return (mu, sigma, *extra, *[stats.factor()] * return_factor)
 
 
 def _folder_batches(path, batch_size):
@@ -458,15 +481,20 @@ def psd_factor(sigma, name="sigma"):
     return v[:, keep] * np.sqrt(w[keep])
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor1=None, factor2=None):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64. With S = C C^T, S1 S2 has
     the non-zero eigenvalues of (C2^T C1)^T (C2^T C1): tr((S1 S2)^(1/2)) is the sum of the singular
-    values of C2^T C1, exact also for singular S (N < D), ~2x faster than scipy's sqrtm (tested)."""
+    values of C2^T C1, exact also for singular S (N < D), ~2x faster than scipy's sqrtm (tested).
+    factor1, factor2: C with S = C C^T where known (compute_statistics(return_factor=True): for
+    N <= D images, (D, N) from the features), so no D x D eigendecomposition is needed: then
+    C2^T C1 is (N2, N1) and a FID of few images takes milliseconds, not seconds."""
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "stats 2")
     _require(mu1.shape == mu2.shape,
              f"statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
-    cross = psd_factor(sigma2, "sigma2").T @ psd_factor(sigma1, "sigma1")  # C2^T C1, (R2, R1)
+    factor1 = psd_factor(sigma1, "sigma1") if factor1 is None else factor1  # C1 (D, R1)
+    factor2 = psd_factor(sigma2, "sigma2") if factor2 is None else factor2  # C2 (D, R2)
+    cross = factor2.T @ factor1                                              # C2^T C1, (R2, R1)
     tr_covmean = np.linalg.svd(cross, compute_uv=False).sum()                # tr((S1 S2)^(1/2))
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
@@ -497,6 +525,8 @@ def _run(args):
         _require(os.path.isdir(path) or path.endswith(".npz"),
                  f"{path}: neither an image folder nor an .npz file")
     if out:
+        _require(not os.path.exists(out) or os.path.isdir(out), f"--save-stats: {out} exists; "
+                 "give another file name, or move it away (nothing was changed)", FileExistsError)
         _require(os.path.isdir(inputs[0]), f"--save-stats computes the statistics of an image "
                  f"folder; {inputs[0]} is a file")
         _require(out.endswith(".npz") and not os.path.isdir(out),
@@ -505,21 +535,29 @@ def _run(args):
                  f"{Path(out).name} in", FileNotFoundError)
     stats = {p: load_statistics(p, return_convention=True) for p in inputs if not os.path.isdir(p)}
     folders = {path: _folder_batches(path, args.batch_size) for path in inputs if path not in stats}
-    model = load_inception(args.weights, args.device) if folders else None
+    for path, (n, _) in folders.items():
+        _require(n >= 2, f"{path}: {n} image; FID needs a covariance, so at least 2")
+    conventions = {c for c in [*(s[2] for s in stats.values()), *[args.convention] * bool(folders)]
+                   if c}
+    _require(len(conventions) <= 1 or out, f"the statistics use different conventions "
+             f"({' vs '.join(sorted(conventions))}): FID is meaningless (--convention sets a "
+             "folder's)")
+    model, factors = load_inception(args.weights, args.device) if folders else None, {}
     for path, (n, batches) in folders.items():  # (mu, sigma, convention) as from an .npz file
-        stats[path] = (*compute_statistics(batches, model=model, batch_size=args.batch_size,
-                                           device=args.device, convention=args.convention,
-                                           progress=True, total=n), args.convention)
+        print(f"Inception features of {path} ({n} images) ...", file=sys.stderr, flush=True)
+        mu, sigma, factors[path] = compute_statistics(
+            batches, model=model, batch_size=args.batch_size, device=args.device,
+            convention=args.convention, progress=f"Inception features of {path}", total=n,
+            return_factor=True)                 # N <= D: the FID needs no eigendecomposition
+        stats[path] = (mu, sigma, args.convention)
     if out:
         save_statistics(out, *stats[inputs[0]])
         print(f"saved statistics ({args.convention} convention) to {out}")
     else:
         (mu1, sigma1, conv1), (mu2, sigma2, conv2) = (stats[path] for path in inputs)
-        _require(not (conv1 and conv2 and conv1 != conv2), f"the two statistics use different "
-                 f"conventions ({conv1} vs {conv2}): FID is meaningless")
         if len(mu1) >= 512:  # two D x D eigendecompositions and an SVD: seconds to minutes on a CPU
             print(f"Frechet distance of {len(mu1)}-d statistics ...", file=sys.stderr, flush=True)
-        fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+        fid = frechet_distance(mu1, sigma1, mu2, sigma2, *(factors.get(p) for p in inputs))
         print(f"FID ({conv1 or conv2 or 'unknown'} convention): {fid:.4f}")
     for path, n in ((path, n) for path, (n, _) in folders.items() if n < 2048):  # after the result
         print(f"warning: {path} has {n} images, fewer than the 2048 features: FID reads high "
@@ -532,7 +570,11 @@ def main(argv=None):
         if text.isdigit() and int(text) >= 1:
             return int(text)
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files")
+    parser = OneLineParser(prog="fid.py", description="FID of two image folders or .npz files. "
+                           "The Inception Score is not a CLI output: in Python, fid.inception_score"
+                           " of compute_statistics(..., return_is_logits=True), with weights that "
+                           f"have the fc layer ({FID_WEIGHTS_FILE}, the default; -nofc files "
+                           "have none)")
     add = parser.add_argument
     add("path", nargs=2, help="image folders or .npz files with mu and sigma")
     add("--save-stats", action="store_true", help="save folder PATH1's statistics to PATH2 (.npz)")

@@ -454,7 +454,8 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None,
     """The SRA 2 objective L = L_denoise + lam * L_align from one forward pass at one t (t = 0 is
     data). Returns {"loss", "denoise", "align", and each extra alignment's name}.
     z (N, C, H, W) clean latents, y (N,) labels. model: sra2's SiT or any model(x_t, t, y) with
-    `model.blocks` (then pass align_depth). projector P: the term "align", P(h_k) pulled toward
+    `model.blocks` (then pass align_depth) returning v, or a tuple whose first item is v (REPA's
+    SiT returns (v, zs)). projector P: the term "align", P(h_k) pulled toward
     f_VAE = z as tokens (or `target` (N, T, d)); None: a plain SiT. alignments: more terms, e.g.
     REPA's; a t_range averages a term over the samples with t inside it. t, eps and drop_labels
     default to global-RNG draws (pass them in tests, or a rank's share of one global draw)."""
@@ -475,6 +476,7 @@ def training_loss(model, z, y, projector=None, *, lam=1.0, align_depth=None,
     drop = {} if drop_labels is None else dict(drop_labels=drop_labels)   # only when given
     with tap(model, [a.depth for a in alignments]) if alignments else nullcontext({}) as hidden:
         v = model(x_t, t, y, **drop)                               # hidden[k]: h_k (N, T, D)
+    v = v[0] if isinstance(v, (tuple, list)) else v                # REPA's SiT: (v, zs)
     denoise = (v.float() - v_target.float()).square().mean()       # mean over C, H, W and batch
     parts = {"loss": denoise, "denoise": denoise, "align": denoise.new_zeros(())}
     for a in alignments:

@@ -43,19 +43,29 @@ import sra2
 import tiny_demo
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared"       # files that cannot be downloaded here: CI has them beside it
-NOT_SHARED = f"needs {SHARED} beside the checkout (reference files and weights)"
-OFFICIAL_KEYS = SHARED / "reference" / "sit_state_dict_keys.txt"   # the released SiT's state dict
-INCEPTION = SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"          # FID Inception, no fc
-INCEPTION_FP16 = SHARED / "weights" / "pt_inception-2015-12-05-nofc-fp16.pth"
-ORACLE = SHARED / "weights" / "reference_features.npz"   # pytorch-fid / NVIDIA features of images
+# Oracle files that cannot be downloaded here: in the folder $SRA2_ORACLES names (side by side, or
+# in reference/ and weights/ as CI keeps them in ../shared beside the checkout, the default).
+SHARED = Path(os.environ.get("SRA2_ORACLES") or HERE.parent / "shared")
+
+
+def oracle(sub, name):
+    """SHARED/name, else SHARED/sub/name."""
+    return SHARED / name if (SHARED / name).is_file() else SHARED / sub / name
+
+
+OFFICIAL_KEYS = oracle("reference", "sit_state_dict_keys.txt")   # the released SiT's state dict
+INCEPTION = oracle("weights", "pt_inception-2015-12-05-nofc.pth")             # FID Inception, no fc
+INCEPTION_FP16 = oracle("weights", "pt_inception-2015-12-05-nofc-fp16.pth")
+ORACLE = oracle("weights", "reference_features.npz")     # pytorch-fid / NVIDIA features of images
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 fast = settings(max_examples=20, deadline=None)
 
 
 def needs_shared(*paths):
-    """Skip the test unless these files are in SHARED."""
-    return pytest.mark.skipif(not all(path.is_file() for path in paths), reason=NOT_SHARED)
+    """Skip the test unless these files are in SHARED, naming the missing ones."""
+    missing = [path.name for path in paths if not path.is_file()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} in the folder "
+                              "SRA2_ORACLES=... names (README, Tests)")
 
 
 # ---------------------------------------------------------------- shared helpers: the tiny SiT
@@ -150,7 +160,8 @@ def _fid_error_line(capsys, argv):
         fid.main([str(arg) for arg in argv])
     assert exit_info.value.code == 2
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines()
+             if not line.startswith("Inception features of ")]           # progress, not errors
     assert len(lines) == 1 and lines[0].startswith("fid.py: error: "), lines
     assert "convention" not in out, out  # nothing claims to have been saved or computed
     return lines[0].removeprefix("fid.py: error: ")
@@ -631,6 +642,21 @@ def test_sra2_and_repa_terms_together_on_a_dit_shaped_model():
         # no config: the block must be named
         sra2.training_loss(model, z, y, P_sra, t=t)
     assert torch.isfinite(sra2.training_loss(model, z, y, P_sra, align_depth=1, t=t)["align"])
+
+
+def test_a_model_returning_v_and_extras_trains_like_one_returning_v():
+    """REPA's SiT returns (v, zs): training_loss takes v, the tuple's first item."""
+    class WithExtras(DiTShaped):
+        def forward(self, x, t, y):
+            return super().forward(x, t, y), [torch.zeros(1)]               # (v, zs)
+    torch.manual_seed(0)
+    plain, extras = DiTShaped(), WithExtras()
+    extras.load_state_dict(plain.state_dict())
+    z, t, y = batch()
+    eps, projector = torch.randn_like(z), sra2.Projector(32, 16)
+    a, b = (sra2.training_loss(m, z, y, projector, align_depth=2, t=t, eps=eps)
+            for m in (plain, extras))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_readme_snippets_run_on_a_dit_shaped_model():
@@ -1126,6 +1152,35 @@ def test_fid_equals_exact_references_including_rank_deficient(seed, d, n1, n2):
         assert abs(ours - _fid_sqrtm_reference(mu1, sigma1, mu2, sigma2)) <= 1e-6 * scale
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=_fid_seeds, d=_fid_dims, n1=st.integers(2, 50), n2=st.integers(2, 50),
+       cut=st.integers(1, 49))
+def test_fid_from_the_features_own_factors_equals_the_eigendecomposition_route(seed, d, n1, n2,
+                                                                               cut):
+    """compute_statistics(return_factor=True) of N <= D images: C (D, N) with C C^T = sigma, from
+    the features streamed in two batches (None once N > D); frechet_distance with both factors,
+    one, or none gives one number (the factors skip the D x D eigendecompositions)."""
+    x1, x2 = _fid_random_points(seed, d, n1), _fid_random_points(seed + 1, d, n2)
+    stats = []
+    for x in (x1, x2):
+        feats = fid.FeatureStats()
+        for part in (x[:cut], x[cut:]):
+            if len(part):
+                feats.update(torch.from_numpy(part))
+        stats.append((*feats.mean_cov(), feats.factor()))
+    (mu1, sigma1, c1), (mu2, sigma2, c2) = stats
+    for x, sigma, c in ((x1, sigma1, c1), (x2, sigma2, c2)):
+        if len(x) > d:
+            assert c is None
+        else:
+            assert c.shape == (d, len(x))
+            np.testing.assert_allclose(c @ c.T, np.cov(x.T), atol=1e-10 * np.abs(sigma).max())
+    scale = _fid_scale(mu1, sigma1, mu2, sigma2)
+    plain = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    for f1, f2 in ((c1, c2), (c1, None), (None, c2)):
+        assert abs(fid.frechet_distance(mu1, sigma1, mu2, sigma2, f1, f2) - plain) <= 1e-9 * scale
+
+
 def test_fid_float32_statistics_are_computed_in_float64():
     mu1, sigma1 = _fid_random_stats(0, 16, 40)
     mu2, sigma2 = _fid_random_stats(1, 16, 40)
@@ -1519,6 +1574,31 @@ def test_fid_meter_is_fid_py_against_its_cached_reference(tmp_path, monkeypatch)
     assert len(list(tmp_path.glob("fid-ref-*.npz"))) == 1
 
 
+def test_long_times_are_in_hours():
+    assert [fid.fmt_time(s) for s in (3.24, 42, 425, 3599, 7500, 865722)] == [
+        "3.2s", "42s", "7m05s", "59m59s", "2h05m", "240h"]
+
+
+def test_quick_conflicts_with_another_preset(capsys):
+    assert error_line(capsys, ["--quick", "--preset", "cpu"]) == \
+        "tiny_demo: error: --quick is --preset quick: it conflicts with --preset cpu"
+    assert tiny_demo.parse_args(["--quick", "--preset", "quick"]).preset == "quick"
+    assert tiny_demo.parse_args([]).preset == "full"
+
+
+def test_no_final_fid_column_without_a_final_fid(reference_run):
+    """--final-fid-n 0: the table has no final-FID column (no "FID-0k" header of dashes)."""
+    _, records = reference_run
+    s = tiny_demo.parse_args([*RESUME, "--final-fid-n", "0"])
+    tiny_demo.check(s)
+    runs = [("", "", tiny_demo.make_run(s, name, name, name == "sra2"))
+            for name in ("baseline", "sra2")]
+    lines = tiny_demo.seed_table(s, runs, records, 0)
+    assert "FID-0" not in lines[1] and "FID-3 2-step" in lines[1]
+    cells = lambda line: re.split(r"\s{2,}", line.strip())
+    assert len(cells(lines[1])) == len(cells(lines[3])) == 10          # a cell under every head
+
+
 def test_cpu_preset_settings():
     s = tiny_demo.parse_args(["--preset", "cpu"])
     tiny_demo.check(s)
@@ -1527,7 +1607,7 @@ def test_cpu_preset_settings():
     assert tiny_demo.model_config(s).depth == 8
     assert tiny_demo.parse_args(["--preset", "cpu", "--steps", "7"]).steps == 7
     assert tiny_demo.describe(s) == (
-        "preset cpu: small, 1200 steps of batch 64, lr 0.0003, joint clip 1, seeds [0, 1], "
+        "preset cpu: small, 1200 steps of batch 64, lr 0.0003, joint clip 1, auto, seeds [0, 1], "
         "baseline, sra2; held-out loss on 1000 test images at 8 checkpoints; "
         "FID-250 25-step at 3 checkpoints")
 
@@ -1601,14 +1681,16 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     assert not torch.equal(next_epoch, seen)
 
 
-def test_stage1_cache_is_keyed_by_settings_and_latents_are_normalised(tmp_path):
+def test_stage1_cache_is_keyed_by_settings_and_latents_are_normalised(tmp_path, capsys):
     s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--vae-steps", "2"])
     tiny_demo.check(s)
     images, _ = tiny_demo.synthetic_images(16)
     first = tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
     assert abs(first.latents.mean()) < 0.02 and abs(first.latents.std() - 1) < 0.02
     assert first.latents.shape == (2, 16, 4, 16, 16)
+    assert ", made in " in capsys.readouterr().out
     again = tiny_demo.stage1(images, "data-a", s, torch.device("cpu"))
+    assert ", read from the cache (made in " in capsys.readouterr().out
     assert torch.equal(first.latents, again.latents)
     assert len(list(tmp_path.glob("stage1-*.pt"))) == 1
     s.vae_kl = 1e-3
@@ -1719,6 +1801,23 @@ def test_charts_and_grids_are_pngs(tmp_path):
     # 2 rows of 4 px, 2 cols of 5 px
     assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
     assert (grid[1:5, 1:6] == 7).all() and (grid[6:10, 7:12] == 255).all()   # 4th cell empty
+
+
+def test_legend_is_measured_so_no_label_is_cut_and_log_axes_say_so(tmp_path, monkeypatch):
+    """A long label widens the picture (the plot keeps its width): its last columns stay white,
+    where a fixed legend width would cut the text at the edge; a log axis is labelled so."""
+    texts = []
+    real_text = demo_infra.ImageDraw.ImageDraw.text
+    monkeypatch.setattr(demo_infra.ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k:
+                        texts.append(text) or real_text(self, xy, text, *a, **k))
+    label = "baseline, mean of seeds 2, 3, 4, and a label longer than any legend in this repository"
+    demo_infra.line_chart(tmp_path / "c.png", [(label, [1, 2, 3], [0.7, 0.6, 0.5]),
+                                              ("b", [1, 2, 3], [0.71, 0.6, 0.52])],
+                         "t", "x", "held-out loss", logy=True)
+    with Image.open(tmp_path / "c.png") as image:
+        pixels = np.asarray(image)
+    assert pixels.shape[1] > 900 and (pixels[:, -6:] == 255).all()
+    assert "held-out loss (log scale)" in texts and label in texts
 
 
 def test_synthetic_data_is_deterministic_and_class_dependent():
@@ -2097,7 +2196,7 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(
     ("garbage", "is not a readable checkpoint"),
     ("truncated", "is not a readable checkpoint"),
     ("code", "is not a readable checkpoint (UnpicklingError"),
-    ("other run", "is from another run (the run's SRA 2 settings"),
+    ("other run", 'is from another run (the run: "sra2" there, "baseline" now)'),
     ("not ours", "is not a tiny_demo/2 checkpoint"),
 ])
 def test_resume_from_a_bad_checkpoint_is_one_line_and_changes_nothing(reference_run, tmp_path,
@@ -2157,6 +2256,38 @@ def test_depth_study_commands_are_the_protocol():
     assert (s.target, s.align_depth, s.seeds) == ("mean", 4, [0])
 
 
+def _study():
+    spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def test_study_pictures_name_the_seeds_each_line_and_dot_has(monkeypatch):
+    """study_steps.png: a screen line names its seeds (one seed is not "mean of seeds 0, 1");
+    study_gap.png: its title does not say every row has two seeds; charts are only captured."""
+    study, drawn = _study(), {}
+    monkeypatch.setattr(demo_infra, "line_chart", lambda path, series, title, *a, **k:
+                        drawn.__setitem__(Path(path).name, (series, title)))
+    monkeypatch.setattr(study, "gap_chart", lambda path, rows, title:
+                        drawn.__setitem__(Path(path).name, (rows, title)))
+    study.charts(study.load_records())
+    labels = [series[0] for series in drawn["study_steps.png"][0] if series[0]]
+    assert "small SiT, screen, seed 0" in labels and "lambda 0.1, screen, seeds 0, 1" in labels
+    rows, title = drawn["study_gap.png"]
+    assert any(len(gaps) == 1 for _, gaps in rows) and "seeds 0 and 1" not in title
+
+
+def test_study_passes_resume_only_where_a_checkpoint_is(tmp_path):
+    study = _study()
+    (tmp_path / "a-s0" / "ckpt").mkdir(parents=True)
+    (tmp_path / "a-s0" / "ckpt" / "sra2.pt").write_bytes(b"")
+    echo = lambda job, data, work, threads: [sys.executable, "-c", "import sys; print(sys.argv)"]
+    study.run(["a-s0", "b-s0"], 1, None, tmp_path, command=echo)
+    assert "--resume" in (tmp_path / "a-s0.log").read_text()
+    assert "--resume" not in (tmp_path / "b-s0.log").read_text()
+
+
 def test_resume_with_other_settings_names_them(reference_run, tmp_path, capsys):
     root, _ = reference_run
     shutil.copytree(root / "out", tmp_path / "out")
@@ -2202,12 +2333,74 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.slow
-def test_resume_with_nothing_to_resume_starts_from_scratch(tmp_path, monkeypatch, capsys):
+def test_resume_with_nothing_to_resume_is_refused_and_the_log_says_why(tmp_path, capsys):
+    """A typo in --out must not start an hours-long run from scratch; the error is in the log."""
+    line = error_line(capsys, [*TINY, "--out", str(tmp_path / "o"), "--cache",
+                               str(tmp_path / "c"), "--resume"])
+    assert line == (f"tiny_demo: error: --resume: no checkpoint of this run in {tmp_path / 'o'}"
+                    "/ckpt; nothing to resume (without --resume it starts from scratch)")
+    assert (tmp_path / "o" / "log.txt").read_text().splitlines()[-1] == line
+
+
+def test_rerun_into_a_finished_out_is_refused_and_changes_nothing(reference_run, tmp_path, capsys):
+    """A finished run's folder (its checkpoints, or only its results.json) is never written over
+    by a fresh start, with the same settings or others."""
+    root, _ = reference_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = file_states(out)
+    for extra in ([], ["--steps", "6"]):
+        line = error_line(capsys, [*demo_args(tmp_path, "out"), *extra])
+        assert f"--out {out} holds a run's results ({out / 'results.json'}): give another --out" \
+            in line
+    shutil.rmtree(out / "ckpt")
+    assert "holds a run's results" in error_line(capsys, demo_args(tmp_path, "out"))
+    assert file_states(out) == {p: b for p, b in before.items() if "ckpt" not in p.parts}
+
+
+def test_a_baseline_resumes_whatever_the_sra2_settings_and_a_mismatch_is_short(reference_run,
+                                                                              tmp_path, capsys,
+                                                                              monkeypatch):
+    root, _ = reference_run
+    shutil.copytree(root / "out", tmp_path / "out")
     monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
-    tiny_demo.main([*TINY, "--steps", "2", "--evals", "1", "--heldout-evals", "1", "--out",
-                    str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--resume"])
-    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    records = tiny_demo.main([*demo_args(tmp_path, "out"), "--resume", "--runs", "baseline",
+                              "--lam", "0.5", "--mlp-depth", "2"])
+    assert "tiny: finished; its record is reused" in capsys.readouterr().out
+    assert set(records) == {("baseline", 0)}
+    line = error_line(capsys, [*demo_args(tmp_path, "out"), "--resume", "--runs", "sra2",
+                               "--lam", "0.5", "--mlp-depth", "2", "--lr", "0.002"])
+    assert "is from another run (--lam: 1.0 there, 0.5 now; --lr: 0.001 there, 0.002 now; " \
+        "--mlp-depth: 5 there, 2 now)" in line and len(line.replace(str(tmp_path), "")) < 250
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during step 3: the step ends, its checkpoint is saved, one line (also in the log),
+    exit status 130; --resume goes on from step 3."""
+    real_loss, calls, usual = sra2.training_loss, [], signal.getsignal(signal.SIGINT)
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(sra2, "training_loss", interrupted)
+    monkeypatch.setattr(tiny_demo, "FIDMeter", FakeFID)
+    argv = [*TINY, "--steps", "6", "--ckpt-minutes", "0", "--out", str(tmp_path / "o"),
+            "--cache", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_demo.main(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    path = tmp_path / "o" / "ckpt" / "baseline.pt"
+    assert err == [f"tiny_demo: error: interrupted (Ctrl-C): tiny stopped at step 3 of 6, "
+                   f"saved to {path}; the same command with --resume goes on from there"]
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert (tmp_path / "o" / "log.txt").read_text().splitlines()[-1] == err[0]
+    assert signal.getsignal(signal.SIGINT) is usual                            # restored
+    monkeypatch.setattr(sra2, "training_loss", real_loss)
+    tiny_demo.main([*argv, "--resume", "--runs", "baseline"])
+    assert "resumed at step 3" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -2575,7 +2768,10 @@ def test_fid_cli_bad_weights_file_is_one_line_naming_it(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     # The reasons in brackets are torch's own words (its versions vary them); the start is ours.
-    for name, reason in [("junk.pth", "("), ("hello.pth", "(KeyError: "),
+    (tmp_path / "afile.txt").write_text("this is a text file\n")
+    for name, reason in [("junk.pth", "(not a file torch.save wrote)"),
+                         ("hello.pth", "(not a file torch.save wrote)"),
+                         ("afile.txt", "(not a file torch.save wrote)"),
                          ("other.pth",
                           "(RuntimeError: Error(s) in loading state_dict for FIDInceptionV3: "),
                          ("tensor.pth", "(AttributeError: ")]:
@@ -2592,15 +2788,16 @@ def test_fid_cli_bad_weights_file_is_one_line_naming_it(tmp_path, capsys):
 
 
 def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monkeypatch):
-    """A failed run leaves an existing PATH2 byte for byte; a save that fails midway leaves the old
-    file and no temp file; a good run replaces it and names its convention."""
+    """An existing PATH2 is refused before any work, byte for byte kept; a save that fails midway
+    leaves no file and no temp file; a good run writes it and names its convention."""
     folder, out = _fid_image_folder(tmp_path / "images"), tmp_path / "s.npz"
     fid.save_statistics(out, np.zeros(3), np.eye(3), convention="tf")
     before = out.read_bytes()
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu", "--weights",
-                             tmp_path / "junk.pth"])
+    assert _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu", "--weights",
+                                    tmp_path / "none.pth"]) == \
+        f"--save-stats: {out} exists; give another file name, or move it away (nothing was changed)"
     assert out.read_bytes() == before
+    out.unlink()
 
     def torn_savez(file, **arrays):  # file: the temporary .npz path
         Path(file).write_bytes(b"PK half")
@@ -2610,14 +2807,39 @@ def test_fid_cli_save_stats_never_loses_what_was_written(tmp_path, capsys, monke
         patch.setattr(np, "savez", torn_savez)
         assert _fid_error_line(capsys, [folder, out, "--save-stats", "--device", "cpu"]) == \
             "[Errno 28] No space left on device"
-    assert out.read_bytes() == before
-    # no temp file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "junk.pth", "s.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]   # no temp file
     argv = [str(folder), str(out), "--save-stats", "--device", "cpu", "--convention", "pytorch-fid"]
     assert fid.main(argv) is None
     assert capsys.readouterr().out == f"saved statistics (pytorch-fid convention) to {out}\n"
     assert fid.load_statistics(out)[0].shape == (2048,)
     assert fid.load_statistics(out, return_convention=True)[2] == "pytorch-fid"
+
+
+def test_fid_cli_checks_counts_and_conventions_before_the_network(tmp_path, capsys):
+    """One image, or statistics of two conventions (a folder's is --convention), are refused
+    before the Inception weights are even looked for."""
+    one = _fid_image_folder(tmp_path / "one", sizes=[(8, 8)])
+    two = _fid_image_folder(tmp_path / "two")
+    no_weights = ["--weights", tmp_path / "none.pth", "--device", "cpu"]
+    assert _fid_error_line(capsys, [one, two, *no_weights]) == \
+        f"{one}: 1 image; FID needs a covariance, so at least 2"
+    fid.save_statistics(tmp_path / "a.npz", np.zeros(3), np.eye(3), convention="tf")
+    fid.save_statistics(tmp_path / "b.npz", np.zeros(3), np.eye(3), convention="pytorch-fid")
+    mixed = "the statistics use different conventions (pytorch-fid vs tf): FID is meaningless"
+    assert _fid_error_line(capsys, [tmp_path / "a.npz", tmp_path / "b.npz"]).startswith(mixed)
+    assert _fid_error_line(capsys, [tmp_path / "a.npz", two, *no_weights, "--convention",
+                                    "pytorch-fid"]).startswith(mixed)
+
+
+def test_fid_cli_names_each_folder_in_its_progress_lines(tmp_path, capsys, monkeypatch):
+    """Two small folders (one batch each, which the progress bar alone never shows): each pass
+    says which folder it reads."""
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: _FidStandIn())
+    a, b = _fid_image_folder(tmp_path / "a"), _fid_image_folder(tmp_path / "b")
+    fid.main([str(a), str(b), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"Inception features of {a} (2 images)" in err
+    assert f"Inception features of {b} (2 images)" in err
 
 
 # ---------------------------------------------------------------- tiny_demo.py
@@ -2727,7 +2949,7 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     (["--final-sampling-steps", "0"], "--final-sampling-steps must be >= 1, got 0"),
     (["--n-images", "0"], "--n-images must be >= 1"),
     (["--vae-width", "12"], "--vae-width must be a multiple of 8"),
-    (["--evals", "11"], "--evals 11 / --heldout-evals 3: more than --steps 10"),
+    (["--evals", "11"], "--evals 11 / --heldout-evals 2: more than --steps 10"),
     (["--heldout-evals", "11"], "--evals 5 / --heldout-evals 11: more than --steps 10"),
     (["--align-depth", "0"], "--align-depth 0 is beyond tiny's 4 blocks (choose 1..4)"),
     (["--device", "abc"], "--device abc:"),
@@ -2881,3 +3103,45 @@ def test_flop_count_of_b2_and_projector_overhead():
     D = 768
     projector = 6 * 256 * (D * 2 * D + 3 * (2 * D) ** 2 + 2 * D * 16)
     assert with_p - base == pytest.approx(projector, rel=0.01)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "gpu"], "device 'gpu': expected cpu, cuda, cuda:N or mps"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"],
+     f"device 'cuda:{torch.cuda.device_count()}': this machine has "
+     f"{torch.cuda.device_count()} CUDA device(s)"),
+    (["--official", "/nope/models.py"], "--official /nope/models.py: no such file"),
+    (["--official", "README.md"], "--official README.md: not a Python file (SiT's models.py)"),
+    (["--official", "TIMM"], "needs the Python module 'timm_is_not_installed_here' (SiT's "
+                             "models.py imports timm: pip install timm)"),
+    (["--official", "NOSIT"], "no class SiT in it (SiT's models.py)"),
+    (["--flops"], "--flops: {flops} exists (the committed record); pass --overwrite to replace "
+                  "it, or move it away"),
+])
+def test_bench_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, capsys,
+                                                     monkeypatch):
+    """Nothing timed, nothing written (results/flops.json, tracked, is kept byte for byte)."""
+    monkeypatch.chdir(HERE)
+    (tmp_path / "timm.py").write_text("import timm_is_not_installed_here\nclass SiT: pass\n")
+    (tmp_path / "nosit.py").write_text("x = 1\n")
+    argv = [{"TIMM": str(tmp_path / "timm.py"), "NOSIT": str(tmp_path / "nosit.py")}.get(a, a)
+            for a in argv]
+    flops = HERE / "results" / "flops.json"
+    before = flops.read_bytes()
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("benchmark ran"))
+    monkeypatch.setattr(bench, "train_flops_per_image", lambda *a: pytest.fail("counted"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("bench.py: error: ")
+    assert expected.format(flops=flops) in err[0], err
+    assert flops.read_bytes() == before
+
+
+def test_bench_rows_show_their_spread_and_say_when_it_is_too_wide():
+    assert bench.spread_note(0.010, 0.012) == "  10.0-12.0 ms"
+    assert bench.spread_note(0.048, 3.708) == \
+        "  48.0-3708.0 ms  spread 77.2x: too wide to read (a busy machine?)"
+    assert "too wide" in bench.spread_note(0.010, 0.0151) and \
+        "too wide" not in bench.spread_note(0.010, 0.0149)
+

@@ -2,8 +2,10 @@
 """tiny_demo.py: does SRA 2 make a diffusion transformer converge faster? CIFAR-10 on one GPU.
 
     python tiny_demo.py                  # the demo on one GPU (--help lists every knob)
-    python tiny_demo.py --preset cpu     # the same question on two CPU cores (smaller SiT)
-    python tiny_demo.py --quick          # CPU smoke test of the whole pipeline (synthetic data)
+    python tiny_demo.py --preset cpu     # the same question on two CPU cores (smaller SiT, two
+                                         # seeds: about 66 min on two free cores)
+    python tiny_demo.py --quick          # CPU smoke test of the whole pipeline (synthetic data,
+                                         # about a minute on two busy cores)
     python tiny_demo.py --ablate         # Table 1 of the paper in miniature
     python tiny_demo.py ... --resume     # after a crash or a kill: the same flags, plus --resume
     torchrun --nproc_per_node=N tiny_demo.py   # N GPUs (DDP): the same run, the batch split N ways
@@ -33,8 +35,9 @@ import torch.nn as nn
 
 import fid
 import sra2
-from demo_infra import (DemoError, FIDMeter, check_checkpoints, ckpt_path, data_parallel, digest,
-                        download_cifar, estimate, fmt, from_rank0, gather_chunks, line_chart,
+from demo_infra import (DemoError, FIDMeter, Interrupted, catch_ctrl_c, check_checkpoints,
+                        ckpt_path, data_parallel, digest, download_cifar, estimate, fail, fmt,
+                        from_rank0, gather_chunks, line_chart,
                         load_inception, machine, mean_record, panels, rank0_first, rank_and_world,
                         read_cache, read_cifar, reference_path, resume, save_checkpoint, say,
                         setup, synced_clock, synthetic_images, table, teardown, torchrun_world)
@@ -56,18 +59,22 @@ DEMO_MODELS.update({f"{d}x{w}": ("SiT-S/2", dict(depth=d, hidden_size=w, num_hea
                                                  align_depth=max(1, d // 6 if d <= 12 else d // 3)))
                     for d, w in [(6, 64), (12, 64), (24, 64), (3, 128), (6, 128), (12, 128)]})
 PRESETS = ("full", "cpu", "quick")
+PRESET_HELP = ("full (default): one GPU, not yet timed (a CPU prints its estimate first: about "
+               "240h on two cores); cpu: two seeds, each a baseline + SRA 2 pair, about 66 min "
+               "on two free cores; quick: a smoke test on synthetic data, 63 s on two busy cores")
 # Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag wins.
 # full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
-# cpu: two CPU cores (README, Results); quick: all stages in seconds, on one thread (small ops).
+# cpu: two CPU cores (README, Results); quick: all stages in about a minute, on one thread (small
+# ops), its FIDs of 4 images (cheap with fid.frechet_distance's factors; the Inception passes cost).
 KNOBS = {
     "model": (["SiT-S/2", "small", "tiny"], "SiT preset, or tiny (4 blocks, D 128), small (8), "
               "or BLOCKSxWIDTH of the depth sweep (24x64)"),
     "precision": ("auto", "bf16 autocast, fp32, or auto: bf16 on CUDA and on CPUs with native "
                   "bf16, else fp32"),
-    "steps": ([4000, 1200, 60], "training steps per run"),
-    "batch_size": ([256, 64, 32], "global batch"),
+    "steps": ([4000, 1200, 20], "training steps per run"),
+    "batch_size": ([256, 64, 16], "global batch"),
     "lr": ([3e-4, 3e-4, 1e-3], "AdamW learning rate, the same for both runs"),
-    "n_images": ([None, 10000, 1024], "use the first N training images (None: all)"),
+    "n_images": ([None, 10000, 256], "use the first N training images (None: all)"),
     "seed": (["0", "0,1", "0"], "one seed, or several comma-separated"),
     "runs": ("baseline,sra2", "which runs to train: baseline,sra2, baseline or sra2"),
     "threads": ([None, 2, 1], "CPU threads (None: torch's)"),
@@ -86,18 +93,18 @@ KNOBS = {
     "target_scale": (1.0, "SRA 2 target = this x the latent"),
     "vae_width": ([64, 32, 16], "VAE channels at 32x32"),
     "latent_channels": (4, "VAE latent channels"),
-    "vae_steps": ([3000, 400, 80], "VAE training steps"),
-    "vae_batch": ([256, 64, 32], "VAE batch"),
+    "vae_steps": ([3000, 400, 20], "VAE training steps"),
+    "vae_batch": ([256, 64, 16], "VAE batch"),
     "vae_lr": (3e-4, "VAE learning rate"),
     "vae_kl": (1e-5, "KL weight per latent element"),
-    "heldout_n": ([2000, 1000, 24], "test images in the held-out set"),
-    "heldout_evals": ([10, 8, 3], "held-out loss checkpoints, 0 = none"),
-    "evals": ([5, 3, 5], "FID checkpoints per run, 0 = none (--ablate: 1)"),
-    "fid_n": ([2000, 250, 8], "images per checkpoint FID"),
+    "heldout_n": ([2000, 1000, 12], "test images in the held-out set"),
+    "heldout_evals": ([10, 8, 2], "held-out loss checkpoints, 0 = none"),
+    "evals": ([5, 3, 2], "FID checkpoints per run, 0 = none (--ablate: 1)"),
+    "fid_n": ([2000, 250, 4], "images per checkpoint FID"),
     "fid_sampling_steps": ([50, 25, 10], "SDE steps for the checkpoint FIDs"),
-    "final_fid_n": ([5000, 0, 12], "images for the final FID, 0 = none"),
-    "final_sampling_steps": ([250, 50, 25], "SDE steps for the final FID"),
-    "fid_ref_n": ([50000, 1000, 32], "training images in the FID reference"),
+    "final_fid_n": ([5000, 0, 4], "images for the final FID, 0 = none"),
+    "final_sampling_steps": ([250, 50, 20], "SDE steps for the final FID"),
+    "fid_ref_n": ([50000, 1000, 8], "training images in the FID reference"),
     "sample_batch": ([1000, 250, 64], "images per sampler batch"),
     "ckpt_minutes": (3.0, "checkpoint period, 0 = never"),
     "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
@@ -110,7 +117,7 @@ def parse_args(argv=None):
     """The settings: the preset's knobs, and the flags given over them."""
     parser = OneLineParser(prog="tiny_demo", description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--preset", default="full", choices=PRESETS, help="one GPU, two CPU cores, a smoke test")
+    add("--preset", choices=PRESETS, help=PRESET_HELP)
     add("--quick", action="store_true", help="the same as --preset quick")
     add("--ablate", action="store_true", help="Table 1 in miniature: one run per design choice")
     add("--resume", action="store_true", help="continue each run from --out/ckpt/<run>.pt")
@@ -134,7 +141,9 @@ def parse_args(argv=None):
                 "model": "NAME", "runs": "RUNS"}.get(key))
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.preset = "quick" if args.quick else args.preset
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick is --preset quick: it conflicts with --preset {args.preset}")
+    args.preset = "quick" if args.quick else args.preset or "full"
     args.quick, preset = args.preset == "quick", PRESETS.index(args.preset)
     args.data = "synthetic" if args.quick and args.data is None else args.data
     args.evals = 1 if args.ablate and args.evals is None else args.evals   # Table 1: the end only
@@ -300,6 +309,7 @@ def stage1(images, data_id, args, device):
     image (2, N, C, 16, 16) and their posterior standard deviations."""
     path = stage1_path(args, data_id)
     saved = read_cache(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+    made = "read from the cache (made in {})" if saved else "made in {}"
     if saved is None:
         tic, vae = time.perf_counter(), train_vae(images, args, device)
         both = [encode(vae, im, device) for im in (images, images[:, :, ::-1])]    # the mirror
@@ -314,8 +324,8 @@ def stage1(images, data_id, args, device):
     vae = VAE(args.vae_width, args.latent_channels)
     vae.load_state_dict(saved["vae"])
     say(f"stage 1: VAE and latents {tuple(saved['latents'].shape)} (2 flips, shift "
-        f"{saved['shift']:+.3f}, scale {saved['scale']:.4f}), {path.name}, made in "
-        f"{fmt_time(saved['seconds'])}")
+        f"{saved['shift']:+.3f}, scale {saved['scale']:.4f}), {path.name}, "
+        + made.format(fmt_time(saved["seconds"])))
     return SimpleNamespace(vae=vae.to(device).eval().requires_grad_(False),
                            latents=saved["latents"].float(), std=saved["std"].float(),
                            shift=saved["shift"], scale=saved["scale"], file=path.name)
@@ -437,6 +447,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
     first_bad = torch.zeros((), dtype=torch.long, device=device)   # step of the first NaN or inf
     last_log, saved, last_save = start, start or None, time.perf_counter()
     bar, tic = Progress(f"stage 2: {run.label}", args.steps), time.perf_counter()
+    stop = catch_ctrl_c()                                      # Ctrl-C: stop after a step, saved
     for step in range(start + 1, args.steps + 1):
         idx, flip = batch_indices(step - 1, len(labels), args.batch_size, args.seed, device)
         t, eps, drop = step_noise(generator, args.seed, step, (args.batch_size, *latents.shape[2:]),
@@ -464,7 +475,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         first_bad = torch.where((first_bad == 0) & ~terms.isfinite().all(), step, first_bad)
         if step == start + 1:                  # compile and start-up are not train time (both runs)
             tic = synced_clock(device)
-        ckpt_due = args.ckpt_every > 0 and step % args.ckpt_every == 0
+        ckpt_due = args.ckpt_every > 0 and step % args.ckpt_every == 0 or bool(stop)
         if step % args.log_every and step not in eval_steps | heldout_steps and not ckpt_due:
             continue                                           # one host sync per log line
         if world > 1:                                          # the global batch's numbers
@@ -501,7 +512,12 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         if rank == 0 and (ckpt_due or 0 < args.ckpt_minutes < minutes):
             save_checkpoint(path, model, ema, projector, opt, step, args, run, rec)
             saved, last_save = step, time.perf_counter()
+        if stop:
+            raise Interrupted(f"interrupted (Ctrl-C): {run.label} stopped at step {step} of "
+                              f"{args.steps}, saved to {path}; the same command with --resume "
+                              "goes on from there")
         tic = time.perf_counter()                              # evaluations and saves don't count
+    catch_ctrl_c(False)
     bar.close()
     rec["final_fid"] = None                                    # the key marks a finished run
     if args.final_fid_n:
@@ -607,12 +623,14 @@ def seed_table(args, runs, records, seed):
     last = lambda r, key, field, spec=".2f": fmt(r[key][-1][field] if r[key] else None, spec)
     gap = lambda r, k: "" if base in (None, r) else \
         f" ({100 * (r['heldout'][-1][k] / base['heldout'][-1][k] - 1):+.2f}%)"
-    row = lambda r: [fmt_time(r["wall"]), last(r, "evals", "fid"), fmt(r["final_fid"]),
+    row = lambda r: [fmt_time(r["wall"]), last(r, "evals", "fid"),
+                     *[fmt(r["final_fid"])] * bool(args.final_fid_n),
                      last(r, "log", "denoise", ".4f"),
                      last(r, "log", "align", ".4f") if r["projector_params"] else "-",
                      *(last(r, "heldout", k, ".4f") + gap(r, k) for k in ("loss", *HELDOUT_BANDS)
                        if args.heldout_evals)]
-    heads = ["train time", args.ckpt_fid, args.final_fid, "denoise", "align"] + [
+    heads = ["train time", args.ckpt_fid, *[args.final_fid] * bool(args.final_fid_n), "denoise",
+             "align"] + [
         "held-out loss", *(f"{band} t" for band in HELDOUT_BANDS)] * bool(args.heldout_evals)
     title = (f"{'Table 1' if args.ablate else 'Table 2'} in miniature, seed {seed}: {args.model}, "
              f"{args.steps} steps, no CFG (P is dropped at inference: both sample with the same "
@@ -694,9 +712,11 @@ def main(argv=None):
             dist.barrier()                                     # no rank leaves while another talks
         return records
     except (DemoError, FileNotFoundError) as error:            # FileNotFound: Inception weights
-        if os.environ.get("RANK", "0") == "0":                 # every rank fails alike; one says so
-            print("tiny_demo: error: " + " ".join(str(error).split()), file=sys.stderr)
-        raise SystemExit(2)
+        fail("tiny_demo: error: " + " ".join(str(error).split()))         # in the log too
+        raise SystemExit(getattr(error, "status", 2))
+    except KeyboardInterrupt:                                  # a second Ctrl-C, or not training
+        fail("tiny_demo: interrupted (Ctrl-C); checkpoints saved before it are kept")
+        raise SystemExit(130)
     finally:                                                   # main() may be called in-process
         torch.set_num_threads(threads)
         teardown()
