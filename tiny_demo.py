@@ -289,8 +289,7 @@ def train_vae(images, args, device):
 
 @torch.no_grad()
 def encode(vae, images, device, label="stage 1: encoding"):
-    """uint8 images (N, 32, 32, 3) -> posterior means and stds, 2 x (N, C, H, W) on the CPU (stds
-    None for TAEF2: its encoder is deterministic)."""
+    """uint8 images (N, 32, 32, 3) -> posterior means and stds (TAEF2: None), (N, C, H, W), CPU."""
     means, stds, bar = [], [], Progress(label, len(images), "img")
     chunk = 100 if isinstance(vae, TAEF2) else 1000       # TAEF2: 100 MB a feature map per 100
     for i in range(0, len(images), chunk):
@@ -386,8 +385,7 @@ def latent_shape(args):
     return (args.latent_channels, 16, 16) if args.vae == "own" else (32, 8, 8)
 
 def model_config(args):
-    """The SiTConfig of --model on stage 1's latents with 10 classes: 16x16xC in patches of the
-    preset's size, or TAEF2's 8x8x32 in patches of 1 (64 tokens either way with /2)."""
+    """The SiTConfig of --model on stage 1's latents (TAEF2's in 1x1 patches), 10 classes."""
     preset, overrides = DEMO_MODELS.get(args.model, (args.model, {}))
     channels, size, _ = latent_shape(args)
     return sra2.SiTConfig(**{**sra2.PRESETS[preset], **overrides, "input_size": size,
