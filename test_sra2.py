@@ -1527,7 +1527,7 @@ def test_cpu_preset_settings():
     assert tiny_demo.model_config(s).depth == 8
     assert tiny_demo.parse_args(["--preset", "cpu", "--steps", "7"]).steps == 7
     assert tiny_demo.describe(s) == (
-        "preset cpu: small, 1200 steps of batch 64, lr 0.0003, joint clip 1, seeds [0, 1], "
+        "preset cpu: small, 1200 steps of batch 64, lr 0.0003, joint clip 1, auto, seeds [0, 1], "
         "baseline, sra2; held-out loss on 1000 test images at 8 checkpoints; "
         "FID-250 25-step at 3 checkpoints")
 

@@ -126,8 +126,8 @@ def parse_args(argv=None):
         help="download, stage-1 and FID-reference cache (%(default)s; env SRA2_CACHE)")
     add("--inception", default=os.environ.get(fid.WEIGHTS_ENV),
         help=f"FID Inception weights .pth (default: env {fid.WEIGHTS_ENV}, else fid.py's)")
-    add("--taef2", metavar="DIR", default=os.environ.get(TAEF2_ENV), help="folder with TAEF2's "
-        f"taef2_encoder.pth and taef2_decoder.pth (default: env {TAEF2_ENV}, else downloaded)")
+    add("--taef2", metavar="DIR", default=os.environ.get(TAEF2_ENV), help="folder of TAEF2's "
+        f"taef2_encoder.pth, _decoder.pth (default: env {TAEF2_ENV}, else downloaded to --cache)")
     add("--device", help="cuda, mps or cpu (default: cuda, then mps, then cpu)")
     for key, (values, text) in KNOBS.items():                 # default None: the preset's value
         values = values if isinstance(values, list) else [values] * 3
