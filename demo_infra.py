@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 
@@ -147,12 +149,14 @@ def machine():
 
 def estimate(args, per_image, n_runs, have_stage1, have_reference):
     """A run's time on this CPU: `per_image` seconds (SiT + P training step "sit", VAE training
-    step "vae", Inception pass "inception") scaled by the settings; a sampler step or a held-out
-    image costs a third of a training step. What is cached already costs nothing."""
+    step "vae" or a TAEF2 encoding, Inception pass "inception") scaled by the settings; a
+    sampler step or a held-out image costs a third of a training step. What is cached already
+    costs nothing."""
     fid_images = args.evals * args.fid_n + args.final_fid_n
     forwards = args.evals * args.fid_n * args.fid_sampling_steps + args.final_fid_n * \
         args.final_sampling_steps + args.heldout_evals * args.heldout_n
-    parts = {"stage 1": 0 if have_stage1 else args.vae_steps * args.vae_batch * per_image["vae"],
+    stage1 = args.vae_steps * args.vae_batch if args.vae == "own" else 2 * (args.n_images or 50000)
+    parts = {"stage 1": 0 if have_stage1 else stage1 * per_image["vae"],
              "FID reference": 0 if have_reference else args.fid_ref_n * per_image["inception"],
              f"{n_runs} runs": n_runs * ((args.steps * args.batch_size + forwards / 3) *
                                         per_image["sit"] + fid_images * per_image["inception"])}
@@ -314,6 +318,91 @@ def synthetic_images(n, seed=0):
         background = rng.uniform(0, 90, 3) * (0.5 + 0.5 * (yy / 31)[..., None])
         images[i] = np.where(mask[..., None], color, background).clip(0, 255)
     return images, labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# TAEF2, the pretrained stage 1 of --vae taef2: a tiny autoencoder distilled from the FLUX.2 VAE
+# (the taesd project, MIT license), written here with the released parameter names. Images in
+# [0, 1], 32 latent channels at 1/8 of the size, a deterministic encoder, no scale factor.
+
+TAEF2_URL = "https://github.com/madebyollin/taesd/raw/main/taef2_{}.pth"
+TAEF2_SHA256 = {"encoder": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+                "decoder": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"}
+TAEF2_ENV = "SRA2_TAEF2"              # a folder holding taef2_encoder.pth and taef2_decoder.pth
+
+
+def conv3(n_in, n_out, **kw):
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
+
+
+class TAEBlock(nn.Module):
+    """relu(body(x) + x), body = conv, relu, conv, relu, conv at 64 channels; with `pool`, first
+    x = x + pool(x), a per-pixel MLP (64 -> 256 -> 64, GroupNorm) of FLUX.2's variant."""
+
+    def __init__(self, pool=False):
+        super().__init__()
+        self.conv = nn.Sequential(conv3(64, 64), nn.ReLU(), conv3(64, 64), nn.ReLU(), conv3(64, 64))
+        self.pool = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nn.GroupNorm(4, 256),
+                                  nn.ReLU(), nn.Conv2d(256, 64, 1, bias=False)) if pool else None
+
+    def forward(self, x):
+        x = x + self.pool(x) if self.pool is not None else x
+        return torch.relu(self.conv(x) + x)
+
+
+class Clamp(nn.Module):
+    def forward(self, z):
+        return 3 * torch.tanh(z / 3)                           # latents softly into (-3, 3)
+
+
+class TAEF2(nn.Module):
+    """encoder: (N, 3, H, W) in [0, 1] -> (N, 32, H/8, W/8); decoder: back, roughly [0, 1]. As a
+    stage 1, encode and decode speak the demo's VAE interface: 32-px images in [-1, 1], taken to
+    64 px (bicubic) for the encoder (8x8x32 latents: at 32 px the 4x4 latents lose much detail),
+    and the decoder's 64 px taken back to 32 (area: the mean of each 2x2 block)."""
+
+    def __init__(self):
+        super().__init__()
+        down = lambda: nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False)   # H -> H/2
+        up = lambda: [nn.Upsample(scale_factor=2), conv3(64, 64, bias=False)]   # nearest, H -> 2H
+        blocks = lambda n, pool=False: [TAEBlock(pool) for _ in range(n)]
+        self.encoder = nn.Sequential(                                          # (N, 3, H, W) ->
+            conv3(3, 64), *blocks(1), down(), *blocks(3), down(), *blocks(3),  # (N, 64, H/4, W/4)
+            down(), *blocks(3, pool=True), conv3(64, 32))                      # (N, 32, H/8, W/8)
+        self.decoder = nn.Sequential(                                          # (N, 32, h, w) ->
+            Clamp(), conv3(32, 64), nn.ReLU(), *blocks(3, pool=True), *up(),   # (N, 64, 2h, 2w)
+            *blocks(3), *up(), *blocks(3), *up(), *blocks(1), conv3(64, 3))    # (N, 3, 8h, 8w)
+
+    def encode(self, x):
+        """x (N, 3, 32, 32) in [-1, 1] -> (latents (N, 32, 8, 8), None: no posterior spread)."""
+        x = F.interpolate((x + 1) / 2, scale_factor=2, mode="bicubic").clamp(0, 1)   # 64 px
+        return self.encoder(x), None
+
+    def decode(self, z):
+        """z (N, 32, 8, 8) -> (N, 3, 32, 32) in [-1, 1]."""
+        return F.avg_pool2d(self.decoder(z).clamp(0, 1), 2) * 2 - 1
+
+
+def load_taef2(folder, cache):
+    """TAEF2 from taef2_{encoder,decoder}.pth in `folder` (the user's), else in `cache`, where
+    they are downloaded once; a file whose SHA-256 is not the release's is refused."""
+    model = TAEF2()
+    for part, net in (("encoder", model.encoder), ("decoder", model.decoder)):
+        path = Path(folder or cache).expanduser() / f"taef2_{part}.pth"
+        if folder is None and not path.is_file():
+            try:
+                fid.download(TAEF2_URL.format(part), path, TAEF2_SHA256[part])
+            except (OSError, ValueError) as error:             # nothing partial is kept
+                raise DemoError(f"could not download TAEF2's {part} ({error}); pass --taef2 DIR "
+                                f"(or set {TAEF2_ENV}): a folder with taef2_{part}.pth") from None
+        if not path.is_file():
+            raise DemoError(f"--taef2 {folder}: no taef2_{part}.pth there")
+        if (got := hashlib.sha256(path.read_bytes()).hexdigest()) != TAEF2_SHA256[part]:
+            raise DemoError(f"{path}: SHA-256 {got[:16]}..., not the released TAEF2 {part}'s "
+                            f"{TAEF2_SHA256[part][:16]}... (a wrong or truncated file); replace "
+                            "or delete it")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))   # strict
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------

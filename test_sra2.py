@@ -1728,6 +1728,186 @@ def test_unreadable_cache_files_are_rebuilt(tmp_path, capsys, monkeypatch):
     assert np.array_equal(meter.mu, again.mu) and "is unreadable" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- stage 1: TAEF2 (--vae taef2)
+
+# TAEF2's released weights and an oracle made with the released code: $SRA2_TAEF2, else SHARED
+TAEF2_DIR = Path(os.environ.get(demo_infra.TAEF2_ENV) or SHARED / "weights")
+TAEF2_FILES = [TAEF2_DIR / f"taef2_{part}.pth" for part in ("encoder", "decoder")]
+TAEF2_ORACLE = TAEF2_DIR / "taef2_reference.npz"
+needs_taef2 = pytest.mark.skipif(
+    not all(path.is_file() for path in [*TAEF2_FILES, TAEF2_ORACLE]),
+    reason=f"needs taef2_encoder.pth, taef2_decoder.pth and taef2_reference.npz in {TAEF2_DIR} "
+    f"(set {demo_infra.TAEF2_ENV} to their folder)")
+NO_FID = ["--evals", "0", "--final-fid-n", "0"]
+
+
+def relative_error(got, want):
+    """max |got - want| / max |want|."""
+    want = torch.as_tensor(want)
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@needs_taef2
+@pytest.mark.usefixtures("one_thread")
+def test_taef2_forward_passes_reproduce_the_released_code():
+    """Encoder and decoder in float32 against latents and decodings computed with the released
+    code (the architecture, each layer's place and the parameter names: the load is strict)."""
+    oracle, model = np.load(TAEF2_ORACLE), demo_infra.load_taef2(TAEF2_DIR, None)
+    with torch.no_grad():
+        assert relative_error(model.encoder(torch.from_numpy(oracle["images_64"])),
+                              oracle["latents"]) < 1e-5
+        for z, x in (("latents", "decoded"), ("random_latents", "random_decoded")):
+            assert relative_error(model.decoder(torch.from_numpy(oracle[z])), oracle[x]) < 1e-5
+        # The demo's interface: 32-px images in [-1, 1], bicubic-upsampled to 64 px (as the
+        # oracle's images_64 were made from images_32); decodings clamped, area-downsampled.
+        x = tiny_demo.to_float(torch.from_numpy(oracle["images_32"]))
+        assert relative_error(model.encode(x)[0], oracle["latents"][:4]) < 1e-5
+        assert model.encode(x)[1] is None                      # deterministic: no posterior
+        area = F.interpolate(torch.from_numpy(oracle["decoded"]).clamp(0, 1), size=32,
+                             mode="area") * 2 - 1
+        assert relative_error(model.decode(torch.from_numpy(oracle["latents"])), area) < 1e-5
+
+
+def test_taef2_weights_that_are_not_the_release_are_refused(tmp_path, capsys):
+    """A wrong file (a state dict of the right names: a strict load would take it) and a truncated
+    one are refused by their SHA-256 in one line, exit status 2, before stage 1 writes a thing; a
+    missing one is named."""
+    folder, cache = tmp_path / "weights", tmp_path / "cache"
+    folder.mkdir()
+    argv = [*TINY, *NO_FID, "--vae", "taef2", "--taef2", str(folder), "--cache", str(cache),
+            "--out", str(tmp_path / "out")]
+    encoder = folder / "taef2_encoder.pth"
+    torch.save(demo_infra.TAEF2().encoder.state_dict(), encoder)
+    assert "taef2_encoder.pth: SHA-256" in error_line(capsys, argv)
+    real = TAEF2_FILES[0].read_bytes() if TAEF2_FILES[0].is_file() else encoder.read_bytes()
+    encoder.write_bytes(real[:len(real) // 2])
+    line = error_line(capsys, argv)
+    assert f"{encoder}: SHA-256" in line and "wrong or truncated" in line
+    if TAEF2_FILES[0].is_file():                               # the encoder passes: the decoder
+        encoder.write_bytes(real)
+        assert error_line(capsys, argv).endswith(f"--taef2 {folder}: no taef2_decoder.pth there")
+    assert list(cache.glob("stage1-*")) == []
+
+
+@needs_taef2
+def test_taef2_weights_download_once_with_their_sha256(tmp_path, monkeypatch):
+    """No folder given: both files come from the release (here a local stand-in for GitHub) into
+    the cache, once; a corrupt transfer keeps nothing and says so in one line."""
+    assert demo_infra.TAEF2_URL.format("encoder") == \
+        "https://github.com/madebyollin/taesd/raw/main/taef2_encoder.pth"
+    release, cache = tmp_path / "release", tmp_path / "cache"
+    release.mkdir()
+    for path in TAEF2_FILES:
+        shutil.copy(path, release)
+    monkeypatch.setattr(demo_infra, "TAEF2_URL", release.as_uri() + "/taef2_{}.pth")
+    model = demo_infra.load_taef2(None, cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["taef2_decoder.pth", "taef2_encoder.pth"]
+    (release / "taef2_encoder.pth").unlink()                   # the cache is used from now on
+    assert torch.equal(demo_infra.load_taef2(None, cache).encoder[0].weight,
+                       model.encoder[0].weight)
+    (cache / "taef2_decoder.pth").unlink()
+    (release / "taef2_decoder.pth").write_bytes(TAEF2_FILES[1].read_bytes()[:-1])   # truncated
+    with pytest.raises(demo_infra.DemoError, match="could not download TAEF2's decoder .*SHA256"):
+        demo_infra.load_taef2(None, cache)
+    assert not (cache / "taef2_decoder.pth").exists()
+
+
+def test_taef2_default_folder_is_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(demo_infra.TAEF2_ENV, "/somewhere/taef2")
+    assert tiny_demo.parse_args(["--vae", "taef2"]).taef2 == "/somewhere/taef2"
+    assert tiny_demo.parse_args(["--taef2", "here"]).taef2 == "here"
+
+
+def test_taef2_refuses_a_posterior_sample_target(tmp_path, capsys):
+    line = error_line(capsys, [*TINY, "--vae", "taef2", "--target", "sample", "--out",
+                               str(tmp_path)])
+    assert line == ("tiny_demo: error: --target sample needs --vae own (TAEF2's encoder is "
+                    "deterministic: there is no posterior to sample)")
+    tiny_demo.check(tiny_demo.parse_args([*TINY, "--target", "sample"]))     # own: fine
+
+
+@pytest.mark.parametrize("model", ["SiT-S/2", "tiny", "24x64"])
+def test_model_config_follows_the_vae(model):
+    """Own VAE: 16x16x4 in 2x2 patches; TAEF2: 8x8x32 in 1x1 patches; 64 tokens either way, the
+    rest of the SiT the same."""
+    own, taef2 = (tiny_demo.model_config(tiny_demo.parse_args(["--model", model, "--vae", vae]))
+                  for vae in ("own", "taef2"))
+    assert (own.in_channels, own.input_size, own.patch_size) == (4, 16, 2)
+    assert (taef2.in_channels, taef2.input_size, taef2.patch_size) == (32, 8, 1)
+    assert {**vars(taef2), "in_channels": 4, "input_size": 16, "patch_size": 2} == vars(own)
+    with torch.device("meta"):
+        sit = sra2.SiT(taef2)
+    assert sit.x_embedder(torch.empty(2, 32, 8, 8, device="meta")).shape[1] == 64   # T tokens
+
+
+def test_stage1_cache_is_keyed_by_the_vae(tmp_path):
+    """Own VAE and TAEF2 never share a stage-1 file; TAEF2's is keyed by the data, not by the
+    own VAE's training knobs."""
+    own, taef2 = (tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--vae", vae])
+                  for vae in ("own", "taef2"))
+    path = tiny_demo.stage1_path
+    assert path(own, "d") != path(taef2, "d") and path(taef2, "d") != path(taef2, "e")
+    before = path(own, "d"), path(taef2, "d")
+    own.vae_steps = taef2.vae_steps = 7
+    assert path(own, "d") != before[0] and path(taef2, "d") == before[1]
+
+
+@needs_taef2
+@pytest.mark.usefixtures("one_thread")
+def test_taef2_stage1_caches_normalised_latents_of_images_and_mirrors(tmp_path):
+    s = tiny_demo.parse_args([*TINY, "--vae", "taef2", "--taef2", str(TAEF2_DIR), "--cache",
+                              str(tmp_path)])
+    tiny_demo.check(s)
+    images, _ = tiny_demo.synthetic_images(6)
+    stage = tiny_demo.stage1(images, "d", s, torch.device("cpu"))
+    assert stage.latents.shape == (2, 6, 32, 8, 8) and stage.std is None
+    assert abs(stage.latents.mean()) < 0.01 and abs(stage.latents.std() - 1) < 0.01
+    x = tiny_demo.to_float(torch.from_numpy(images))
+    for flip, pixels in enumerate((x, x.flip(3))):           # the mirror images' own encodings
+        z = (stage.vae.encode(pixels)[0] - stage.shift) * stage.scale
+        assert torch.allclose(z, stage.latents[flip], atol=1e-2)      # stored in float16
+    [cached] = tmp_path.glob("stage1-*.pt")
+    assert cached.name.startswith("stage1-taef2-")
+    again = tiny_demo.stage1(images, "d", s, torch.device("cpu"))     # from the cache
+    assert torch.equal(again.latents, stage.latents) and again.std is None
+    decoded = tiny_demo.decode(again, again.latents[0])                 # (6, 32, 32, 3) uint8
+    assert decoded.shape == (6, 32, 32, 3) and decoded.dtype == torch.uint8
+    mse = (decoded.float() - torch.from_numpy(images).float()).square().mean()
+    assert 10 * math.log10(255 ** 2 / mse) > 20                        # a reconstruction
+
+
+def test_cpu_estimate_of_taef2_counts_the_images_encoded():
+    """TAEF2's stage 1 encodes each training image and its mirror image: the cpu preset's 10,000
+    images at 2 ms each are 40 s (the rest as in the own VAE's estimate)."""
+    args = tiny_demo.parse_args(["--preset", "cpu", "--vae", "taef2", "--batch-size", "4"])
+    tiny_demo.check(args)
+    unit = dict(sit=1e-3, vae=2e-3, inception=1e-2)
+    assert demo_infra.estimate(args, unit, 2, False, False) == (
+        "about 1m32s here (stage 1 40s, FID reference 10s, 2 runs 42s; from timed steps of each "
+        "part)")
+
+
+@pytest.mark.slow
+@needs_taef2
+@pytest.mark.usefixtures("one_thread")
+def test_quick_demo_runs_with_taef2(tmp_path, monkeypatch):
+    """--quick --vae taef2 end to end on a few synthetic images: SiT on 8x8x32 latents, samples
+    decoded by TAEF2 to 32 px (the FID here is a stand-in: the images' mean), held-out losses, the
+    stage-1 file of TAEF2."""
+    seen = []
+    monkeypatch.setattr(tiny_demo, "FIDMeter", lambda *args: lambda images: seen.append(
+        images.shape) or images.float().mean().item())
+    records = tiny_demo.main([*TINY, "--vae", "taef2", "--taef2", str(TAEF2_DIR), "--n-images",
+                              "16", "--heldout-n", "12", "--evals", "1", "--heldout-evals", "1",
+                              "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert seen == [(3, 32, 32, 3)] * 4                      # 2 runs: a checkpoint and the end
+    for r in records.values():
+        assert math.isfinite(r["heldout"][-1]["loss"]) and r["grids"][10].dtype == torch.uint8
+    assert [p.name[:13] for p in (tmp_path / "cache").glob("stage1-*")] == ["stage1-taef2-"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["vae"] == "taef2" and "stage 1 stage1-taef2-" in results["data"]
+    assert (tmp_path / "out" / "vae_reconstructions.png").is_file()
+
 def test_reach_interpolates_between_checkpoints():
     steps = [100, 200, 300, 400]
     assert tiny_demo.reach(steps, [50, 40, 30, 20], 35) == (250, True)

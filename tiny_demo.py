@@ -10,8 +10,9 @@
     python tiny_demo.py ... --resume     # after a crash or a kill: the same flags, plus --resume
     torchrun --nproc_per_node=N tiny_demo.py   # N GPUs (DDP): the same run, the batch split N ways
 
-Stage 1 trains a small VAE (32x32x3 -> 16x16x4) once and caches its latents: f_VAE exists before
-stage 2, the paper's premise. Stage 2 trains SiT twice on the same draws: the baseline, and SRA 2
+Stage 1 trains a small VAE (32x32x3 -> 16x16x4) once, or takes a pretrained one (--vae taef2:
+TAEF2, 8x8x32), and caches the latents: f_VAE exists before stage 2, the paper's premise. Stage 2
+trains SiT twice on the same draws: the baseline, and SRA 2
 (projector P on block align_depth pulled toward the clean latent z). Then the held-out loss, FID,
 tables and pictures. sra2.py's conventions: t = 0 data, x_t = (1 - t) z + t eps, v = eps - z. Step
 k's batch, t, eps and dropped labels are functions of (seed, k): both runs see them, a resumed run
@@ -35,12 +36,13 @@ import torch.nn as nn
 
 import fid
 import sra2
-from demo_infra import (DemoError, FIDMeter, Interrupted, catch_ctrl_c, check_checkpoints,
-                        ckpt_path, data_parallel, digest, download_cifar, estimate, fail, fmt,
-                        from_rank0, gather_chunks, line_chart,
-                        load_inception, machine, mean_record, panels, rank0_first, rank_and_world,
-                        read_cache, read_cifar, reference_path, resume, save_checkpoint, say,
-                        setup, synced_clock, synthetic_images, table, teardown, torchrun_world)
+from demo_infra import (TAEF2, TAEF2_ENV, TAEF2_SHA256, DemoError, FIDMeter, Interrupted,
+                        catch_ctrl_c, check_checkpoints, ckpt_path, data_parallel, digest,
+                        download_cifar, estimate, fail, fmt, from_rank0, gather_chunks, line_chart,
+                        load_inception, load_taef2, machine, mean_record, panels, rank0_first,
+                        rank_and_world, read_cache, read_cifar, reference_path, resume,
+                        save_checkpoint, say, setup, synced_clock, synthetic_images, table,
+                        teardown, torchrun_world)
 from fid import OneLineParser, Progress, atomic_write, fmt_time
 
 # ============================================ Settings ============================================
@@ -91,6 +93,8 @@ KNOBS = {
     "target": ("mean", "SRA 2 target: the posterior mean, a fresh posterior sample each step, "
                "or (a control) another image's mean: the latents' statistics, not this image's"),
     "target_scale": (1.0, "SRA 2 target = this x the latent"),
+    "vae": ("own", "stage 1: our small VAE trained on the data, or TAEF2, pretrained (FLUX.2's "
+            "latents; the images bicubic-upsampled to 64 px, decoded back by 2x2 means)"),
     "vae_width": ([64, 32, 16], "VAE channels at 32x32"),
     "latent_channels": (4, "VAE latent channels"),
     "vae_steps": ([3000, 400, 20], "VAE training steps"),
@@ -110,7 +114,7 @@ KNOBS = {
     "ckpt_every": (0, "also a checkpoint every N steps, 0 = never")}
 CHOICES = {"model": [*sra2.PRESETS, *DEMO_MODELS], "clip": ["joint", "separate", "none"],
            "align_loss": sra2.ALIGN_LOSSES, "target": ["mean", "sample", "other"],
-           "precision": ["auto", "bf16", "fp32"],
+           "precision": ["auto", "bf16", "fp32"], "vae": ["own", "taef2"],
            "runs": ["baseline,sra2", "baseline", "sra2", "sra2,baseline"]}
 
 def parse_args(argv=None):
@@ -129,6 +133,8 @@ def parse_args(argv=None):
         help="download, stage-1 and FID-reference cache (%(default)s; env SRA2_CACHE)")
     add("--inception", default=os.environ.get(fid.WEIGHTS_ENV),
         help=f"FID Inception weights .pth (default: env {fid.WEIGHTS_ENV}, else fid.py's)")
+    add("--taef2", metavar="DIR", default=os.environ.get(TAEF2_ENV), help="folder of TAEF2's "
+        f"taef2_encoder.pth, _decoder.pth (default: env {TAEF2_ENV}, else downloaded to --cache)")
     add("--device", help="cuda, mps or cpu (default: cuda, then mps, then cpu)")
     for key, (values, text) in KNOBS.items():                 # default None: the preset's value
         values = values if isinstance(values, list) else [values] * 3
@@ -188,6 +194,8 @@ FLAG_RULES = [
     ("vae_width", lambda v, a: v % 8 == 0, "a multiple of 8 (GroupNorm groups)"),
     ("steps", lambda v, a: max(a.evals, a.heldout_evals) <= v,
      "--evals {a.evals} / --heldout-evals {a.heldout_evals}: more than --steps {v}"),
+    ("target", lambda v, a: v != "sample" or a.vae == "own", "--target sample needs --vae own "
+     "(TAEF2's encoder is deterministic: there is no posterior to sample)"),
     ("align_depth", lambda v, a: 1 <= v <= model_config(a).depth,
      "{flag} {v} is beyond {a.model}'s {depth} blocks (choose 1..{depth})")]
 
@@ -290,49 +298,56 @@ def train_vae(images, args, device):
 
 @torch.no_grad()
 def encode(vae, images, device, label="stage 1: encoding"):
-    """uint8 images (N, 32, 32, 3) -> posterior means and stds, 2 x (N, C, 16, 16) on the CPU."""
-    parts, bar = [], Progress(label, len(images), "img")
-    for i in range(0, len(images), 1000):
-        mean, logvar = vae.encode(to_float(torch.from_numpy(images[i:i + 1000].copy()).to(device)))
-        parts.append((mean.float().cpu(), (0.5 * logvar.float()).exp().cpu()))
+    """uint8 images (N, 32, 32, 3) -> posterior means and stds (TAEF2: None), (N, C, H, W), CPU."""
+    means, stds, bar = [], [], Progress(label, len(images), "img")
+    chunk = 100 if isinstance(vae, TAEF2) else 1000       # TAEF2: 100 MB a feature map per 100
+    for i in range(0, len(images), chunk):
+        mean, logvar = vae.encode(to_float(torch.from_numpy(images[i:i + chunk].copy()).to(device)))
+        means.append(mean.float().cpu())
+        stds.append(None if logvar is None else (0.5 * logvar.float()).exp().cpu())
         bar.update(i + len(mean))
     bar.close()
-    return tuple(torch.cat(part) for part in zip(*parts))
+    return torch.cat(means), None if stds[0] is None else torch.cat(stds)
 
 def stage1_path(args, data_id):
+    if args.vae == "taef2":                               # keyed by the weights and the upsampling
+        return Path(args.cache) / f"stage1-taef2-{digest(TAEF2_SHA256, 'bicubic 64', data_id)}.pt"
     settings = dict(width=args.vae_width, channels=args.latent_channels, kl=args.vae_kl,
                     lr=args.vae_lr, steps=args.vae_steps, batch=args.vae_batch, seed=VAE_SEED)
     return Path(args.cache) / f"stage1-{digest(dict(settings, version=2), data_id)}.pt"
 
 def stage1(images, data_id, args, device):
-    """The VAE, trained or from the cache, the normalised latents of every image and its mirror
-    image (2, N, C, 16, 16) and their posterior standard deviations."""
+    """The VAE, trained (or TAEF2) or from the cache, the normalised latents of every image and
+    its mirror image (2, N, C, H, W) and their posterior standard deviations (TAEF2: None)."""
     path = stage1_path(args, data_id)
     saved = read_cache(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
     made = "read from the cache (made in {})" if saved else "made in {}"
     if saved is None:
-        tic, vae = time.perf_counter(), train_vae(images, args, device)
+        tic, vae = time.perf_counter(), train_vae(images, args, device) if args.vae == "own" \
+            else load_taef2(args.taef2, args.cache).to(device)
         both = [encode(vae, im, device) for im in (images, images[:, :, ::-1])]    # the mirror
-        latents, stds = (torch.stack(pair) for pair in zip(*both))     # 2 x (2, N, C, 16, 16)
+        latents = torch.stack([mean for mean, _ in both])              # (2, N, C, H, W)
+        stds = None if args.vae == "taef2" else torch.stack([std for _, std in both])
         # Normalised to mean 0, std 1 (the SD-VAE's 0.18215 is such a scale): the noise
         # eps ~ N(0, I) must be on the latents' scale, and the SRA 2 target inherits it.
         shift, scale = latents.mean().item(), 1.0 / latents.std().item()
         saved = dict(vae=vae.state_dict(), latents=((latents - shift) * scale).half(),
-                     std=(stds * scale).half(), shift=shift, scale=scale,
+                     std=None if stds is None else (stds * scale).half(), shift=shift, scale=scale,
                      seconds=time.perf_counter() - tic)
         atomic_write(path, lambda tmp: torch.save(saved, tmp))
-    vae = VAE(args.vae_width, args.latent_channels)
+    vae = VAE(args.vae_width, args.latent_channels) if args.vae == "own" else TAEF2()
     vae.load_state_dict(saved["vae"])
-    say(f"stage 1: VAE and latents {tuple(saved['latents'].shape)} (2 flips, shift "
+    say(f"stage 1: {args.vae} VAE and latents {tuple(saved['latents'].shape)} (2 flips, shift "
         f"{saved['shift']:+.3f}, scale {saved['scale']:.4f}), {path.name}, "
         + made.format(fmt_time(saved["seconds"])))
     return SimpleNamespace(vae=vae.to(device).eval().requires_grad_(False),
-                           latents=saved["latents"].float(), std=saved["std"].float(),
-                           shift=saved["shift"], scale=saved["scale"], file=path.name)
+                           latents=saved["latents"].float(), std=saved["std"] if args.vae == "taef2"
+                           else saved["std"].float(), shift=saved["shift"], scale=saved["scale"],
+                           file=path.name, seconds=saved["seconds"])
 
 @torch.no_grad()
 def decode(stage, z):
-    """Normalised latents (N, C, 16, 16) -> uint8 images (N, 32, 32, 3) on the CPU."""
+    """Normalised latents (N, C, H, W) -> uint8 images (N, 32, 32, 3) on the CPU."""
     x = stage.vae.decode(z.float() / stage.scale + stage.shift).float()
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
@@ -375,11 +390,17 @@ def ablation_runs(args):
                                                   **change) if change else default))
     return rows
 
+def latent_shape(args):
+    """(C, H, W) of stage 1's latents: 16x16xC of our VAE, 8x8x32 of TAEF2 (on 64-px images)."""
+    return (args.latent_channels, 16, 16) if args.vae == "own" else (32, 8, 8)
+
 def model_config(args):
-    """The SiTConfig of --model on 16x16xC latents with 10 classes."""
+    """The SiTConfig of --model on stage 1's latents (TAEF2's in 1x1 patches), 10 classes."""
     preset, overrides = DEMO_MODELS.get(args.model, (args.model, {}))
-    return sra2.SiTConfig(**{**sra2.PRESETS[preset], **overrides, "input_size": 16,
-                             "in_channels": args.latent_channels, "num_classes": 10})
+    channels, size, _ = latent_shape(args)
+    return sra2.SiTConfig(**{**sra2.PRESETS[preset], **overrides, "input_size": size,
+                             "in_channels": channels, "num_classes": 10,
+                             **({"patch_size": 1} if args.vae == "taef2" else {})})
 
 def build(args, run, device):
     torch.manual_seed(args.seed)                                       # same SiT init in every run
@@ -565,8 +586,7 @@ def generate(model, stage, n, num_steps, args, device, label):
     done, bar = [], Progress(f"  sampling {label}", sum(len(y) for _, y in mine), "img")
     for chunk, y in mine:
         generator = torch.Generator(device).manual_seed(10_007 * (args.seed + 1) + chunk)
-        noise = torch.randn(len(y), args.latent_channels, 16, 16, generator=generator,
-                            device=device)
+        noise = torch.randn(len(y), *latent_shape(args), generator=generator, device=device)
         with sra2.autocast(device, enabled=args.precision == "bf16"):
             z = sra2.sample_sde(model, noise, y, num_steps=num_steps, generator=generator)
         done.append((chunk, decode(stage, z)))
@@ -671,7 +691,7 @@ def pictures(args, records, names, out, quick):
     curve = lambda r, key, x, y, what="": (
         r["label"] + (f" (seed {r['seed']})" if len(args.seeds) > 1 else "") + what,
         [e[x] for e in r[key]], [e[y] for e in r[key]])
-    fid_title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on 16x16x{args.latent_channels}"
+    fid_title = f"{args.ckpt_fid} (SDE, EMA) of {args.model} on %dx%dx%d" % latent_shape(args)[::-1]
     series = lambda key, x, y: [curve(r, key, x, y) for r in runs]
     losses = [curve(r, "log", "step", term, f": {term}") for r in runs
               for term in ("denoise", "align")[:1 + bool(r["projector_params"])]]
@@ -752,7 +772,8 @@ def experiment(args, device, out, card):
     if rank == 0:
         recon = decode(stage, stage.latents[0, :50].to(device))
         panels(out / "vae_reconstructions.png", [("real", images[:50]), ("VAE reconstruction",
-               recon)], f"stage 1: VAE 32x32x3 -> 16x16x{args.latent_channels} -> 32x32x3", quick)
+               recon)], f"stage 1: {args.vae} VAE 32x32x3 -> %dx%dx%d -> 32x32x3" %
+               latent_shape(args)[::-1], quick)
     records = {}                                              # (run name, seed) -> record
     for args.seed in args.seeds:
         for run in (run for _, _, run in runs if (run.name, args.seed) not in records):
@@ -769,8 +790,11 @@ def time_per_image(args, device, uses_fid):
     timed = lambda fn, n: min(np.diff([(fn(), time.perf_counter())[1] for _ in range(4)])[1:]) / n
     b = min(args.batch_size, 64)
     model, projector = build(args, make_run(args, "sra2", "", True), device)
-    z, y = torch.randn(b, args.latent_channels, 16, 16), torch.zeros(b, dtype=torch.long)
-    vae = VAE(args.vae_width, args.latent_channels)
+    z, y = torch.randn(b, *latent_shape(args)), torch.zeros(b, dtype=torch.long)
+    vae, x = VAE(args.vae_width, args.latent_channels) if args.vae == "own" else TAEF2(), \
+        torch.zeros(b, 3, 32, 32)              # TAEF2 is only run forward: its stage 1 encodes
+    vae_step = (lambda: vae.decode(vae.encode(x)[0]).mean().backward()) if args.vae == "own" \
+        else torch.no_grad()(lambda: vae.encode(x))
     net = load_inception(args, device) if uses_fid else None   # fails here without the weights
     blank = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)                # 4 black images
 
@@ -778,9 +802,7 @@ def time_per_image(args, device, uses_fid):
         with sra2.autocast(device, enabled=args.precision == "bf16"):
             loss = sra2.training_loss(model, z, y, projector)["loss"]
         loss.backward()
-    return dict(sit=timed(sit_step, b),
-                vae=timed(lambda: vae.decode(vae.encode(z.new_zeros(b, 3, 32, 32))[0]).mean()
-                          .backward(), b),
+    return dict(sit=timed(sit_step, b), vae=timed(vae_step, b),
                 inception=timed(lambda: net(fid.preprocess(blank)), 4) if uses_fid else 0.0)
 
 if __name__ == "__main__":
