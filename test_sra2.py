@@ -1798,8 +1798,14 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     assert torch.equal(again[0], epoch[2][0])
     next_epoch = torch.cat([tiny_demo.batch_indices(k, n, b, seed=3)[0]
                             for k in range(n // b, 2 * (n // b))])
-    # a fresh permutation per epoch
-    assert not torch.equal(next_epoch, seen)
+    # a fresh permutation per epoch, and the epoch's last partial batch (2 images) is dropped
+    assert not torch.equal(next_epoch, seen) and len(set(next_epoch.tolist())) == 48
+    assert all(len(tiny_demo.batch_indices(k, n, b, seed=3)[0]) == b for k in range(3 * (n // b)))
+    # each image's flip bit is its own for the epoch (epoch_order's bit of that image)
+    flips = tiny_demo.epoch_order(3, 1, n)[1]
+    for k in range(n // b, 2 * (n // b)):
+        idx, flip = tiny_demo.batch_indices(k, n, b, seed=3)
+        assert torch.equal(flip, flips[idx])
 
 
 def test_step_noise_is_uniform_t_gaussian_eps_and_drops_the_models_label_rate():
@@ -2135,7 +2141,9 @@ def test_two_seeds_give_a_mean_row_and_speedup(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("one_thread")                            # small ops: see one_thread
 def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     """Baseline and SRA 2 differ only by the projector: same SiT init, same batches, same t, eps and
-    label dropout. With lambda = 0 the alignment cannot move the SiT, so both end identical."""
+    label dropout. With lambda = 0 the alignment cannot move the SiT, so both end identical. Step
+    k of each trains on the images and flips of batch_indices(k - 1) and on step_noise's t, eps
+    and label drops at the model's rate, the paper's 0.1."""
     s = tiny_demo.parse_args([*TINY, "--evals", "1", "--heldout-evals", "0", "--ckpt-minutes", "0"])
     tiny_demo.check(s)
     stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16), heldout=None)
@@ -2145,6 +2153,10 @@ def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_demo, "generate", lambda ema, stage, n, *a, **k: (
         ema_weights.append({k: v.clone() for k, v in ema.state_dict().items()}),
         torch.zeros(n, 32, 32, 3, dtype=torch.uint8))[1])
+    real_loss, calls = sra2.training_loss, []
+    monkeypatch.setattr(sra2, "training_loss", lambda model, z, y, proj, **kw: (
+        calls.append((z, y, kw["t"], kw["eps"], kw["drop_labels"])),
+        real_loss(model, z, y, proj, **kw))[1])
     for run in (tiny_demo.make_run(s, "baseline", "b", False),
                 tiny_demo.make_run(s, "sra2", "a", True, lam=0.0)):
         # each run must reseed by itself
@@ -2156,6 +2168,13 @@ def test_both_runs_see_the_same_init_batches_and_noise(tmp_path, monkeypatch):
     assert all(torch.allclose(baseline[k], aligned[k], atol=1e-6) for k in baseline)
     init = tiny_demo.build(s, run, torch.device("cpu"))[0].state_dict()
     assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    assert len(calls) == 2 * s.steps == 20
+    for k, (z, y, t, eps, drop) in enumerate(calls[:10], start=1):
+        idx, flip = tiny_demo.batch_indices(k - 1, 32, 8, s.seed)
+        assert torch.equal(z, stage.latents[flip, idx]) and torch.equal(y, labels[idx])
+        drawn = tiny_demo.step_noise(torch.Generator(), s.seed, k, (8, 4, 16, 16), 0.1)
+        assert all(torch.equal(a, b) for a, b in zip((t, eps, drop), drawn))
+    assert all(torch.equal(a, b) for pair in zip(calls[:10], calls[10:]) for a, b in zip(*pair))
 
 
 @pytest.mark.usefixtures("one_thread")                            # small ops: see one_thread
@@ -2163,21 +2182,26 @@ def test_demo_ema_after_k_steps_is_the_closed_form_of_the_warm_up(tmp_path, monk
     """The EMA that the held-out loss and FID are measured on: step k (from 1) updates it with
     decay min(cap, (1 + k) / (10 + k)). An EMA started at 0 that follows a model held still
     (lr 0) is at (1 - prod_k decay_k) times the model after K steps: with cap 0.5 and K = 10,
-    prod = 2/11 x 3/12 x ... x 8/17 x 0.5^3 = 8! 10! / 17! / 8 (k = 8 reaches the cap)."""
+    prod = 2/11 x 3/12 x ... x 8/17 x 0.5^3 = 8! 10! / 17! / 8 (k = 8 reaches the cap). The
+    product is 5e-5, too small to show the cap in float32 weights, so the decays are also
+    recorded and compared with the rule step by step."""
     s = tiny_demo.parse_args([*TINY, "--evals", "1", "--final-fid-n", "0", "--heldout-evals", "0",
                               "--ckpt-minutes", "0", "--ema-decay", "0.5"])
     tiny_demo.check(s)
     s.lr = 0.0                                                         # the model stays at init
     stage = SimpleNamespace(latents=torch.randn(2, 32, 4, 16, 16), heldout=None)
-    real_create_ema, seen = sra2.create_ema, []
+    real_create_ema, real_update_ema, seen, decays = sra2.create_ema, sra2.update_ema, [], []
     monkeypatch.setattr(sra2, "create_ema", lambda model: real_create_ema(model).requires_grad_(
         False).apply(lambda m: [p.data.zero_() for p in m.parameters(recurse=False)]))
+    monkeypatch.setattr(sra2, "update_ema", lambda ema, model, decay: (
+        decays.append(decay), real_update_ema(ema, model, decay)))
     monkeypatch.setattr(tiny_demo, "generate", lambda ema, stage, n, *a, **k: (
         seen.append({k: v.clone() for k, v in ema.state_dict().items()}),
         torch.zeros(n, 32, 32, 3, dtype=torch.uint8))[1])
     run = tiny_demo.make_run(s, "baseline", "b", False)
     tiny_demo.train_run(run, stage, torch.randint(0, 10, (32,)), s, torch.device("cpu"),
                         lambda images: 1.0, tmp_path)
+    assert decays == [min(0.5, (1 + k) / (10 + k)) for k in range(1, 11)]
     weight = 1 - math.factorial(8) * math.factorial(10) / math.factorial(17) / 8
     model = tiny_demo.build(s, run, torch.device("cpu"))[0].state_dict()
     assert len(seen) == 1 and seen[0].keys() == model.keys()
