@@ -2255,7 +2255,7 @@ def test_heldout_set_is_fixed_and_heldout_loss_is_the_training_denoise_term(tmp_
     eps one N(0, I) draw from seed 20260 (every result in results/ is measured on them); the loss
     twice the same, equal to training_loss's denoising term on those draws, and the bands (4 grid
     points each) average to it."""
-    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path)])
+    s = tiny_demo.parse_args([*TINY, "--cache", str(tmp_path), "--heldout-n", "24"])
     tiny_demo.check(s)
     torch.manual_seed(0)
     stage = SimpleNamespace(vae=tiny_demo.VAE(8).eval(), shift=0.1, scale=2.0)

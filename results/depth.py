@@ -110,10 +110,21 @@ def text(records):
                      f"{cell(gaps(records, model, f'b{paper}', 1))} | "
                      f"{cell(gaps(records, model, f'ctl{paper}', 1))} | "
                      + ", ".join(f"{x:.4f}" for x in base) + " |")
+    lines += ["", "## The gap at each checkpoint", "", "| model | run | seed | " + " | ".join(
+        f"step {e['step']}" for e in next(iter(records.values()))["heldout"]) + " |",
+        "|---|---|---|" + "---|" * len(next(iter(records.values()))["heldout"])]
+    for model in MODELS:
+        for variant, (what, _) in list(variants(model).items())[1:]:
+            for k in SEEDS:
+                run, base = records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}")
+                if run and base:
+                    lines.append(f"| {model} | {what} | {k} | " + " | ".join(
+                        f"{study.gap(run, base, 'loss', j):+.2f}%"
+                        for j in range(len(base["heldout"]))) + " |")
     machine = next(iter(records.values()))["machine"]
     lines += ["", f"Machine: {machine['processor']}, {machine['cpu_count']} cores, torch "
               f"{machine['torch']}, python {machine['python']}; two runs at a time, one thread "
-              "each.", "", "## Every run", "",
+              "each, with other work on the same cores: train times are rough.", "", "## Every run", "",
               "| job | held-out loss at each checkpoint | train time | command |", "|---|---|---|---|"]
     for job, r in records.items():
         lines.append(f"| {job} | " + " ".join(f"{e['loss']:.4f}" for e in r["heldout"]) +
