@@ -134,7 +134,7 @@ def text(records):
 
 def charts(records):
     """results/depth_gap.png: the gap at the last step against depth, SRA 2 beside the control,
-    per width (the control in a lighter shade); results/depth_steps.png: the gap against steps."""
+    per width; results/depth_steps.png: the gap against steps, SRA 2 and the control per model."""
     import demo_infra
     mean = lambda d: sum(d.values()) / len(d)
     series = []
@@ -144,7 +144,7 @@ def charts(records):
                       for m in MODELS if m.endswith("x" + width)]
             points = sorted((d, mean(g)) for d, g in points if g)
             if points:
-                series.append((f"{what}, width {width}", *zip(*points), i, j == 1))
+                series.append((f"{what}, width {width}", *zip(*points), 2 * i + j))
     if series:
         series.append((None, [0, 24], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_gap.png", series, "held-out loss gap against the "
@@ -153,15 +153,17 @@ def charts(records):
     series = []
     for i, model in enumerate(m for m in MODELS if f"{m}-base-s0" in records):
         paper = blocks(model)[0]
-        for variant, what, thin in ((f"b{paper}", "SRA 2", False), (f"ctl{paper}", "control", True)):
+        for j, (variant, what) in enumerate(((f"b{paper}", "SRA 2"), (f"ctl{paper}", "control"))):
             steps = [e["step"] for e in records[f"{model}-base-s0"]["heldout"]]
-            curve = [gaps(records, model, variant, j) for j in range(len(steps))]
+            curve = [gaps(records, model, variant, k) for k in range(len(steps))]
             if curve[0]:
-                series.append((f"{model}, {what}", steps, [mean(g) for g in curve], i, thin))
+                seeds = ("seeds " if len(curve[0]) > 1 else "seed ") + ", ".join(map(str, curve[0]))
+                series.append((f"{model}, {what} ({seeds})", steps,
+                               [mean(g) for g in curve], 2 * i + j))
     if series:
         series.append((None, [0, 800], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_steps.png", series, "held-out loss gap against the "
-                              "baseline (%, below 0: better), mean of the seeds; thin: control",
+                              "baseline (%, below 0: better), mean of the seeds; control: another image's latent",
                               "training steps", "gap (%)")
 
 
