@@ -18,7 +18,6 @@ sra2.tap, no change to its code.
 import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 

@@ -83,8 +83,9 @@ def catch_ctrl_c(on=True):
     if on and torchrun_world() == 1:
         def ask(signum, frame):
             signal.signal(signal.SIGINT, USUAL_CTRL_C[0])                  # the next one: at once
-            STOP.append(True)
-            say("", "Ctrl-C: stopping after this step with a checkpoint (again: at once, without)")
+            STOP.append(True)                  # a raw write: print() here may be reentrant
+            os.write(1, b"\nCtrl-C: stopping after this step with a checkpoint (again: at once, "
+                     b"without)\n")
         USUAL_CTRL_C.append(signal.signal(signal.SIGINT, ask))
     return STOP
 
@@ -413,7 +414,9 @@ CKPT_FORMAT = "tiny_demo/2"                # /1: before the held-out loss and th
 # other difference would make it a different run.
 RESUME_FREE = {"out", "cache", "data", "inception", "device", "threads", "compile", "resume",
                "ckpt_minutes", "ckpt_every", "runs", "preset", "argv", "seed", "seeds", "quick",
-               "ablate"}
+               "ablate", "taef2"}
+# Settings that older checkpoints lack, at the value those runs had.
+SETTINGS_BEFORE = {"vae": "own"}
 
 
 def ckpt_path(args, out, run):
@@ -446,8 +449,8 @@ def load_checkpoint(path, args, run, mmap=False):
     # SRA 2's settings are the run's (an ablation row changes them): compared there, and only for
     # an SRA 2 run; a baseline does not use them.
     sra_keys = set(vars(run)) - {"name", "label", "align", "settings"}
-    then = {**{k: v for k, v in ckpt["settings"].items() if k not in sra_keys}, "seed":
-            ckpt["record"]["seed"], "run": ckpt["run"]["name"]}
+    then = {**SETTINGS_BEFORE, **{k: v for k, v in ckpt["settings"].items() if k not in sra_keys},
+            "seed": ckpt["record"]["seed"], "run": ckpt["run"]["name"]}
     now = {**{k: v for k, v in vars(args).items() if k not in sra_keys}, "run": run.name}
     if run.align and ckpt["run"].get("align"):
         then.update({k: ckpt["run"].get(k) for k in sra_keys})
@@ -493,9 +496,10 @@ def check_checkpoints(args, runs, out):
             elif path.is_file():
                 try:
                     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception:                              # unreadable: named below
+                    finished = "final_fid" in ckpt["record"]
+                except Exception:                              # unreadable or foreign: named below
                     continue
-                if "final_fid" not in ckpt["record"]:
+                if not finished:
                     raise DemoError(f"{path} holds an unfinished run (step {ckpt['step']} of "
                                     f"{ckpt['settings'].get('steps')}): pass --resume to continue "
                                     "it, or move it away to start over")

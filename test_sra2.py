@@ -2533,6 +2533,22 @@ def test_sample_and_control_targets_on_the_same_draws(tmp_path, monkeypatch):
     assert not torch.allclose(first, second)                             # fresh noise each step
 
 
+def test_a_checkpoint_from_before_the_vae_flag_resumes_as_the_own_vae(tmp_path):
+    """Checkpoints written before --vae existed have no "vae" setting: they were the own VAE's,
+    so they resume under --vae own and are refused under --vae taef2."""
+    s = tiny_demo.parse_args([*TINY, "--model", "24x64"])
+    tiny_demo.check(s)
+    run = tiny_demo.make_run(s, "sra2", "SRA 2", True)
+    settings = {k: v for k, v in vars(s).items() if k != "vae"}
+    path = tmp_path / "sra2.pt"
+    torch.save(dict(format=demo_infra.CKPT_FORMAT, settings=settings, run=vars(run),
+                    record=dict(seed=s.seed), step=3), path)
+    assert demo_infra.load_checkpoint(path, s, run)["step"] == 3
+    s.vae = "taef2"
+    with pytest.raises(demo_infra.DemoError, match="--vae"):
+        demo_infra.load_checkpoint(path, s, run)
+
+
 def test_depth_sweep_models_align_at_the_papers_fraction_of_depth():
     """BLOCKSxWIDTH: head dim 64 as in SiT; aligned block 1/6 of the depth up to 12 blocks (2 of
     12, the paper's S and B) and 1/3 from 24 on (8 of 24, its L), at least 1."""
@@ -3410,6 +3426,7 @@ def test_batch_larger_than_dataset_and_bad_t_range(tmp_path, capsys):
     (["--lam", "-1"], "--lam must be >= 0, got -1"),
     (["--grad-clip", "0"], "--grad-clip must be > 0, got 0"),
     (["--target-scale", "0"], "--target-scale must be > 0, got 0"),
+    (["--target", "other", "--batch-size", "1"], "--target other needs --batch-size >= 2"),
     (["--preset", "gpu"], "argument --preset: invalid choice: 'gpu'"),
     (["--clip", "both"], "argument --clip: invalid choice: 'both'"),
     (["--runs", "sra3"], "argument --runs: invalid choice: 'sra3'"),

@@ -196,6 +196,8 @@ FLAG_RULES = [
      "--evals {a.evals} / --heldout-evals {a.heldout_evals}: more than --steps {v}"),
     ("target", lambda v, a: v != "sample" or a.vae == "own", "--target sample needs --vae own "
      "(TAEF2's encoder is deterministic: there is no posterior to sample)"),
+    ("target", lambda v, a: v != "other" or a.batch_size >= 2, "--target other needs --batch-size "
+     ">= 2 (the control pulls each image toward another image's latent)"),
     ("align_depth", lambda v, a: 1 <= v <= model_config(a).depth,
      "{flag} {v} is beyond {a.model}'s {depth} blocks (choose 1..{depth})")]
 
@@ -473,13 +475,14 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         idx, flip = batch_indices(step - 1, len(labels), args.batch_size, args.seed, device)
         t, eps, drop = step_noise(generator, args.seed, step, (args.batch_size, *latents.shape[2:]),
                                   model.config.class_dropout_prob)
+        # The control: the global batch rolled by one, image i pulled toward image i - 1's latent.
+        other = latents[flip.roll(1, 0), idx.roll(1, 0)][mine] if run.target == "other" else None
         idx, flip, t, eps, drop = idx[mine], flip[mine], t[mine], eps[mine], drop[mine]
         z, y = latents[flip, idx], labels[idx]                 # (B / world, C, 16, 16), (B / world)
         goal = z if stds is None else z + stds[flip, idx] * torch.randn(       # z ~ q(z | x),
             (args.batch_size, *z.shape[1:]), generator=generator, device=device)[mine]  # drawn
-        # after step_noise's draws, so t, eps and the dropped labels stay those of the baseline.
-        # The control: the batch rolled by one, so image i is pulled toward image i - 1's latent.
-        goal = goal.roll(1, 0) if run.target == "other" else goal
+        # after step_noise's draws, so t, eps and the dropped labels stay those of the baseline
+        goal = goal if other is None else other
         target = sra2.patchify(goal, model.config.patch_size) * run.target_scale if proj else None
         with sra2.autocast(device, enabled=args.precision == "bf16"):
             parts = sra2.training_loss(forward, z, y, proj, lam=run.lam, t=t, eps=eps,
@@ -506,6 +509,7 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
         rec["clipped"] += round(clipped * (step - last_log))
         sums.zero_()
         if first_bad:                                          # stop before a checkpoint saves it
+            catch_ctrl_c(False)
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
             kept = f"the last good checkpoint, step {saved}, is kept: {path}" if saved else \
                 "no checkpoint yet"
@@ -530,10 +534,12 @@ def train_run(run, stage, labels, args, device, fid_meter, out):
             say(f"  {run.label} step {step}: {args.ckpt_fid} {rec['evals'][-1]['fid']:.2f}  "
                 f"(train time {fmt_time(rec['wall'])}, {step / rec['wall']:.1f} it/s)")
         minutes = (time.perf_counter() - last_save) / 60
-        if rank == 0 and (ckpt_due or 0 < args.ckpt_minutes < minutes):
+        if rank == 0 and (ckpt_due or stop or 0 < args.ckpt_minutes < minutes):   # stop: also
+            # a Ctrl-C that came during the evaluations above
             save_checkpoint(path, model, ema, projector, opt, step, args, run, rec)
             saved, last_save = step, time.perf_counter()
         if stop:
+            catch_ctrl_c(False)
             raise Interrupted(f"interrupted (Ctrl-C): {run.label} stopped at step {step} of "
                               f"{args.steps}, saved to {path}; the same command with --resume "
                               "goes on from there")
@@ -705,7 +711,7 @@ def pictures(args, records, names, out, quick):
         charts += [("heldout_loss", series("heldout", "step", "loss"), "held-out denoising loss, "
                     f"{args.heldout_n} test images (EMA)", "training steps", "loss")]
     for name, lines, title, xlabel, ylabel in charts:
-        line_chart(out / f"{name}.png", lines, title, xlabel, f"{ylabel} (log scale)", True, quick)
+        line_chart(out / f"{name}.png", lines, title, xlabel, ylabel, True, quick)
     if names != ["baseline", "sra2"]:
         return
     base, sra = records["baseline", args.seeds[0]], records["sra2", args.seeds[0]]

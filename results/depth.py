@@ -134,7 +134,7 @@ def text(records):
 
 def charts(records):
     """results/depth_gap.png: the gap at the last step against depth, SRA 2 beside the control,
-    per width; results/depth_steps.png: the gap against steps, SRA 2 and the control per model."""
+    per width; results/depth_steps.png: the gap against steps; the control in a lighter shade."""
     import demo_infra
     mean = lambda d: sum(d.values()) / len(d)
     series = []
@@ -144,7 +144,7 @@ def charts(records):
                       for m in MODELS if m.endswith("x" + width)]
             points = sorted((d, mean(g)) for d, g in points if g)
             if points:
-                series.append((f"{what}, width {width}", *zip(*points), 2 * i + j))
+                series.append((f"{what}, width {width}", *zip(*points), i, j == 1))
     if series:
         series.append((None, [0, 24], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_gap.png", series, "held-out loss gap against the "
@@ -153,17 +153,17 @@ def charts(records):
     series = []
     for i, model in enumerate(m for m in MODELS if f"{m}-base-s0" in records):
         paper = blocks(model)[0]
-        for j, (variant, what) in enumerate(((f"b{paper}", "SRA 2"), (f"ctl{paper}", "control"))):
+        for variant, what, thin in ((f"b{paper}", "SRA 2", False), (f"ctl{paper}", "control", True)):
             steps = [e["step"] for e in records[f"{model}-base-s0"]["heldout"]]
             curve = [gaps(records, model, variant, k) for k in range(len(steps))]
             if curve[0]:
                 seeds = ("seeds " if len(curve[0]) > 1 else "seed ") + ", ".join(map(str, curve[0]))
                 series.append((f"{model}, {what} ({seeds})", steps,
-                               [mean(g) for g in curve], 2 * i + j))
+                               [mean(g) for g in curve], i, thin))
     if series:
         series.append((None, [0, 800], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_steps.png", series, "held-out loss gap against the "
-                              "baseline (%, below 0: better), mean of the seeds; control: another image's latent",
+                              "baseline (%, below 0: better), mean of the seeds; thin: the control",
                               "training steps", "gap (%)")
 
 
@@ -181,6 +181,8 @@ def main(argv=None):
         study.run(a.jobs or QUEUE, a.lanes, a.data, a.work, a.threads, command)
     else:
         records = collect(a.work)
+        if not records:
+            raise SystemExit(f"depth.py: no finished runs in {a.work} or {HERE / 'depth'}")
         (HERE / "depth.md").write_text(text(records))
         charts(records)
         print(text(records), end="")
