@@ -2626,16 +2626,27 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, monkeypatch):
 
 
 def test_readme_results_come_from_the_records_in_results():
-    """Every table row and every number of the README's Results section is in results/study.md,
-    which results/study.py writes from the per-run records in results/study/; each record names
-    its command, commit and machine, and study.md is what those records give today."""
+    """Every table row and every number of the README's Results section is in results/study.md
+    or results/depth.md, which results/study.py and results/depth.py write from the per-run
+    records in results/study/ and results/depth/; each record names its command, commit and
+    machine, and both files are what those records give today."""
     text = (HERE / "README.md").read_text().split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth_py)
+    depth_records = depth_py.load_records()
+    assert depth_records and all({"command", "commit", "machine"} <= set(r)
+                                 for r in depth_records.values())
+    depth = (HERE / "results" / "depth.md").read_text()
+    assert depth_py.text(depth_records) == depth
+    assert "\n".join(depth_py.readme_rows(depth_records)) in text     # the README's depth table
     study = (HERE / "results" / "study.md").read_text()
     rows = [line for line in text.splitlines()
             if line.startswith("|") and not line.startswith("|---")]
-    assert rows and all(row in study for row in rows)
+    assert rows and all(row in study + depth for row in rows)
     numbers = re.findall(r"[+-]?\d+\.\d+%?", re.sub(r"\|.*", "", text))
-    assert numbers and all(n in study for n in numbers), [n for n in numbers if n not in study]
+    assert numbers and all(n in study + depth for n in numbers), [
+        n for n in numbers if n not in study + depth]
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
     study_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study_py)

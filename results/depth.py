@@ -68,7 +68,28 @@ def collect(work):
         if (Path(work) / job / "results.json").is_file():
             record = study.record(job, work)
             (out / f"{job}.json").write_text(json.dumps(record, indent=1) + "\n")
-    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    return load_records()
+
+
+def load_records():
+    """The records in results/depth/, by job name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((HERE / "depth").glob("*.json"))}
+
+
+def readme_rows(records, model="24x64", steps=(100, 200, 400, 800)):
+    """The README's table: SRA 2 at the paper's block and the control, per seed, at `steps`."""
+    paper = blocks(model)[0]
+    rows = ["| run | seed | " + " | ".join(f"step {s}" for s in steps) + " |",
+            "|---|---|" + "---|" * len(steps)]
+    for variant, what in ((f"b{paper}", f"SRA 2, block {paper}"), (f"ctl{paper}",
+                                                                   f"control, block {paper}")):
+        for k in SEEDS:
+            run, base = records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}")
+            if run and base:
+                at = [e["step"] for e in base["heldout"]]
+                rows.append(f"| {what} | {k} | " + " | ".join(
+                    f"{study.gap(run, base, 'loss', at.index(s)):+.2f}%" for s in steps) + " |")
+    return rows
 
 
 def gaps(records, model, variant, at=-1):
@@ -110,6 +131,7 @@ def text(records):
                      f"{cell(gaps(records, model, f'b{paper}', 1))} | "
                      f"{cell(gaps(records, model, f'ctl{paper}', 1))} | "
                      + ", ".join(f"{x:.4f}" for x in base) + " |")
+    lines += ["", "## In the README", "", *readme_rows(records)]
     lines += ["", "## The gap at each checkpoint", "", "| model | run | seed | " + " | ".join(
         f"step {e['step']}" for e in next(iter(records.values()))["heldout"]) + " |",
         "|---|---|---|" + "---|" * len(next(iter(records.values()))["heldout"])]
