@@ -2744,7 +2744,7 @@ def test_depth_study_commands_are_the_protocol():
     spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
     depth = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(depth)
-    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2
+    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2
     argv = depth.command("24x64-ctl8-s1", "data", "work")[2:]
     s = tiny_demo.parse_args(argv)
     tiny_demo.check(s)
@@ -2754,7 +2754,27 @@ def test_depth_study_commands_are_the_protocol():
     s = tiny_demo.parse_args(depth.command("24x64-b4-s0", "data", "work")[2:])
     tiny_demo.check(s)
     assert (s.target, s.align_depth, s.seeds) == ("mean", 4, [0])
+    s = tiny_demo.parse_args(depth.command("24x64-taef2-ctl8-s1", "data", "work")[2:])
+    tiny_demo.check(s)
+    assert (s.vae, s.model, s.target, s.align_depth, s.seeds) == ("taef2", "24x64", "other", 8, [1])
+    assert tiny_demo.parse_args(depth.command("24x64-ctl8-s1")[2:]).vae == "own"
 
+
+def test_depth_study_reads_a_gap_only_between_runs_on_the_same_stage_1():
+    """Stage 1 is not bit-reproducible across machines: a run whose record names other latents
+    than its baseline's (file, shift, scale) is refused, whatever the model or seed."""
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    a, b = "stage 1 stage1-x.pt, latent shift -0.150324", "stage 1 stage1-x.pt, latent shift -0.150325"
+    records = {"12x64-base-s0": dict(data=a), "12x64-b2-s0": dict(data=a),
+               "12x64-ctl2-s0": dict(data=b), "12x64-base-s1": dict(data=b),
+               "12x64-b2-s1": dict(data=b), "6x64-b1-s1": dict(data=a),     # no baseline: unread
+               "12x64-taef2-base-s0": dict(data=b), "12x64-taef2-b2-s0": dict(data=b)}
+    assert depth.unpaired(records) == ["12x64-ctl2-s0"]
+    assert depth.unpaired(depth.load_records()) == []                       # the recorded runs
+    assert [j for j in depth.QUEUE if j.startswith("24x64-")][:3] == [
+        "24x64-base-s0", "24x64-b8-s0", "24x64-ctl8-s0"]
 
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
