@@ -144,8 +144,21 @@ def machine():
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return dict(commit=commit or "unknown", platform=platform.platform(), cpu_count=os.cpu_count(),
-                processor=platform.processor() or platform.machine(), torch=torch.__version__,
-                python=platform.python_version())
+                processor=platform.processor() or platform.machine(), cpu=cpu_name(),
+                torch=torch.__version__, python=platform.python_version())
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name, family and model, and whether it has native bf16 (Linux; two EPYCs
+    of one name can be Zen 3 or Zen 4), else ''."""
+    try:
+        info = dict(line.split(":", 1) for line in Path(cpuinfo).read_text().split("\n\n")[0]
+                    .splitlines() if ":" in line)
+    except OSError:
+        return ""
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    bf16 = ", native bf16" * (sra2.default_precision("cpu") == "bf16")
+    return f"{info.get('model name', '')} (family {info.get('cpu family')}, model {info.get('model')}{bf16})"
 
 
 def estimate(args, per_image, n_runs, have_stage1, have_reference):

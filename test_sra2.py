@@ -2776,6 +2776,16 @@ def test_depth_study_reads_a_gap_only_between_runs_on_the_same_stage_1():
     assert [j for j in depth.QUEUE if j.startswith("24x64-")][:3] == [
         "24x64-base-s0", "24x64-b8-s0", "24x64-ctl8-s0"]
 
+def test_records_name_the_cpu_by_family_and_model(tmp_path, monkeypatch):
+    """Two CPUs named "AMD EPYC" can be Zen 3 or Zen 4: a record names family, model and bf16."""
+    info = "processor\t: {}\ncpu family\t: 25\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
+    (tmp_path / "cpuinfo").write_text(info.format(0, 17) + "\n" + info.format(1, 1))
+    monkeypatch.setattr(sra2, "default_precision", lambda device: "bf16")
+    assert demo_infra.cpu_name(tmp_path / "cpuinfo") == "AMD EPYC (family 25, model 17, native bf16)"
+    monkeypatch.setattr(sra2, "default_precision", lambda device: "fp32")
+    assert demo_infra.cpu_name(tmp_path / "cpuinfo") == "AMD EPYC (family 25, model 17)"
+    assert demo_infra.cpu_name(tmp_path / "missing") == ""
+
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
     study = importlib.util.module_from_spec(spec)

@@ -10,6 +10,10 @@ held-out loss at 8 checkpoints, fp32): the baseline; SRA 2 at the paper's fracti
 (1/6 up to 12 blocks, 2 of 12 as for S and B; 1/3 from 24 on, 8 of 24 as for L); SRA 2 at the
 other fraction; and the control, aligned at the paper's block to another image's latent (the
 batch rolled by one), which has the latents' statistics and none of this image's information.
+The 24x64 SiT is also trained the first three ways on the latents of the pretrained TAEF2
+(`--vae taef2`; rows 24x64-taef2). A gap is read only against the baseline trained on the same
+stage 1 (each record's `data` names its file, shift and scale): stage 1 is not bit-reproducible
+across machines, and the own-VAE 24x64 runs were made on another machine than the other models'.
 """
 import argparse
 import json
@@ -24,11 +28,13 @@ import tiny_demo                                                      # noqa: E4
 PROTOCOL = ["--preset", "cpu", "--steps", "800", "--evals", "0", "--heldout-evals", "8",
             "--precision", "fp32"]
 MODELS = ["24x64", "12x64", "6x64", "6x128", "3x128", "12x128"]
+ROWS = MODELS + ["24x64-taef2"]                   # -taef2: on the pretrained TAEF2's latents
 SEEDS = (0, 1)
 
 
 def blocks(model):
     """(the paper's block, the other block) of a model of the sweep."""
+    model = model.split("-")[0]                                        # 24x64-taef2: 24x64
     depth, paper = (tiny_demo.DEMO_MODELS[model][1][k] for k in ("depth", "align_depth"))
     other = depth // 3 if depth <= 12 else depth // 6
     return paper, other if other != paper else paper + 1
@@ -136,7 +142,7 @@ def text(records):
              "| model (blocks x width) | SRA 2, paper's block | control, same block | SRA 2 - control | "
              "SRA 2, other block | at step 200: SRA 2 | control | baseline's held-out loss |",
              "|---|---|---|---|---|---|---|---|"]
-    for model in MODELS:
+    for model in ROWS:
         paper, other = blocks(model)
         sra, ctl = gaps(records, model, f"b{paper}"), gaps(records, model, f"ctl{paper}")
         both = {k: sra[k] - ctl[k] for k in sra if k in ctl}
@@ -153,7 +159,7 @@ def text(records):
     lines += ["", "## The gap at each checkpoint", "", "| model | run | seed | " + " | ".join(
         f"step {e['step']}" for e in next(iter(records.values()))["heldout"]) + " |",
         "|---|---|---|" + "---|" * len(next(iter(records.values()))["heldout"])]
-    for model in MODELS:
+    for model in ROWS:
         for variant, (what, _) in list(variants(model).items())[1:]:
             for k in SEEDS:
                 run, base = records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}")
@@ -161,10 +167,17 @@ def text(records):
                     lines.append(f"| {model} | {what} | {k} | " + " | ".join(
                         f"{study.gap(run, base, 'loss', j):+.2f}%"
                         for j in range(len(base["heldout"]))) + " |")
-    machine = next(iter(records.values()))["machine"]
-    lines += ["", f"Machine: {machine['processor']}, {machine['cpu_count']} cores, torch "
-              f"{machine['torch']}, python {machine['python']}; two runs at a time, one thread "
-              "each, with other work on the same cores: train times are rough.", "", "## Every run", "",
+    made = {}                                          # (stage 1, machine): the models made there
+    for job, r in records.items():
+        m = r["machine"]
+        where = (r["data"].split("; stage 1 ")[-1], f"{m.get('cpu') or m['processor']}, "
+                 f"{m['cpu_count']} cores, torch {m['torch']}, python {m['python']}")
+        made.setdefault(where, []).append(job.rsplit("-", 2)[0])
+    lines += ["", "Machines and latents (two runs at a time, one thread each, with other work on "
+              "the same cores: train times are rough):", ""]
+    lines += [f"- {', '.join(dict.fromkeys(models))}: {machine}; stage 1 {stage}"
+              for (stage, machine), models in made.items()]
+    lines += ["", "## Every run", "",
               "| job | held-out loss at each checkpoint | train time | command |", "|---|---|---|---|"]
     for job, r in records.items():
         lines.append(f"| {job} | " + " ".join(f"{e['loss']:.4f}" for e in r["heldout"]) +
