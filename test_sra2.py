@@ -2744,7 +2744,7 @@ def test_depth_study_commands_are_the_protocol():
     spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
     depth = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(depth)
-    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2
+    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2 + 3 * 3
     argv = depth.command("24x64-ctl8-s1", "data", "work")[2:]
     s = tiny_demo.parse_args(argv)
     tiny_demo.check(s)
@@ -2758,6 +2758,8 @@ def test_depth_study_commands_are_the_protocol():
     tiny_demo.check(s)
     assert (s.vae, s.model, s.target, s.align_depth, s.seeds) == ("taef2", "24x64", "other", 8, [1])
     assert tiny_demo.parse_args(depth.command("24x64-ctl8-s1")[2:]).vae == "own"
+    fresh = tiny_demo.parse_args(depth.command("24x64-b8-s2")[2:])      # FID only on fresh seeds
+    assert (fresh.evals, s.evals, fresh.seed, fresh.steps) == (3, 0, "2", 800)
 
 
 def test_depth_study_reads_a_gap_only_between_runs_on_the_same_stage_1():
