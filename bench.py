@@ -5,6 +5,8 @@
     python bench.py --official PATH/models.py # also the official SiT code, side by side
     python bench.py --flops                   # training FLOPs per image, counted, no timing:
                                               # written to results/flops.json (--overwrite)
+    python bench.py --demo                    # tiny_demo.py's models on one CPU thread, fp32
+                                              # and bf16: results/cpu_steps.json (--overwrite)
 
 A training step is forward + backward + fused AdamW on 32x32x4 latents (ImageNet 256 with the
 SD-VAE), in fp32/TF32, bf16 autocast, and bf16 + torch.compile (CUDA). Every row is the median of
@@ -218,6 +220,32 @@ def _benchmark(device, quick, official):
     return rows
 
 
+def demo_steps(device, warmup=2, iters=8):
+    """Seconds per training step (batch 64, the demo's 16x16x4 latents, 10 classes) of each of
+    tiny_demo.py's models, SRA 2 off and on, fp32 and bf16 autocast; the rows it prints."""
+    import tiny_demo
+    rows = []
+    print(f"{'model':<8}{'mode':<6}{'SRA 2':<7}{'ms/step':>9}")
+    for model, (name, overrides) in tiny_demo.DEMO_MODELS.items():
+        overrides = dict(overrides, input_size=16, in_channels=4, num_classes=10)
+        for mode in ("fp32", "bf16"):
+            for sra in (False, True):
+                r = bench_train(name, 64, mode, sra, device, overrides, warmup, iters)
+                rows.append(dict(model=model, mode=mode, sra2=sra, ms=round(r["ms"], 1),
+                                 low=round(1e3 * r["low"], 1), high=round(1e3 * r["high"], 1)))
+                print(f"{model:<8}{mode:<6}{'on' if sra else 'off':<7}{r['ms']:>9.1f}"
+                      + spread_note(r["low"], r["high"]), flush=True)
+    return rows
+
+
+def write_record(path, command, settings, figures):
+    where = demo_infra.machine()
+    record = dict(command=command, machine=where, commit=where["commit"], settings=settings,
+                  figures=figures)
+    fid.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    print(f"written to {path}")
+
+
 def main(argv=None):
     parser = fid.OneLineParser(prog="bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
@@ -227,12 +255,22 @@ def main(argv=None):
     parser.add_argument("--flops", action="store_true", help="training GFLOP per image, no "
                         "timing, written to results/flops.json (a committed record: refused if it "
                         "exists, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="--flops: replace the record")
+    parser.add_argument("--demo", action="store_true", help="tiny_demo.py's models on one CPU "
+                        "thread, fp32 and bf16: written to results/cpu_steps.json (refused if it "
+                        "exists, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a committed record")
     args = parser.parse_args(argv)
-    record_path = Path(__file__).resolve().parent.joinpath("results", "flops.json")
-    if args.flops and record_path.is_file() and not args.overwrite:
-        parser.error(f"--flops: {record_path} exists (the committed record); pass --overwrite to "
+    record_path = Path(__file__).resolve().parent.joinpath(
+        "results", "cpu_steps.json" if args.demo else "flops.json")
+    if (args.flops or args.demo) and record_path.is_file() and not args.overwrite:
+        parser.error(f"{record_path} exists (the committed record); pass --overwrite to "
                      "replace it, or move it away")
+    if args.demo:
+        torch.set_num_threads(1)                       # as the depth study's runs: one thread each
+        rows = demo_steps(torch.device("cpu"))
+        return write_record(record_path, "python bench.py --demo", "one CPU thread, batch 64, "
+                            "16x16x4 latents, 10 classes, fwd + bwd + AdamW; median of 8 steps "
+                            f"after 2; native bf16: {sra2.default_precision('cpu') == 'bf16'}", rows)
     if args.flops:                                     # counts, not timings: any machine gives them
         figures = {}
         for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):
@@ -242,15 +280,9 @@ def main(argv=None):
                                  extra=f"+{100 * (sra / base - 1):.1f}%")
             print(f"{name}: {base:.1f} GFLOP per image per training step, {sra:.1f} with SRA 2 "
                   f"({figures[name]['extra']})")
-        where = demo_infra.machine()
-        record = dict(command="python bench.py --flops", machine=where, commit=where["commit"],
-                      settings="forward + backward per image, 32x32x4 latents, 1000 classes, "
-                      "SRA 2's default projector (5 layers, width 2D) at the preset's block",
-                      figures=figures)
-        fid.atomic_write(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)
-                                                                  + "\n"))
-        print(f"written to {record_path}")
-        return
+        return write_record(record_path, "python bench.py --flops", "forward + backward per "
+                            "image, 32x32x4 latents, 1000 classes, SRA 2's default projector (5 "
+                            "layers, width 2D) at the preset's block", figures)
     try:
         device = fid._check_device(args.device or sra2.pick_device())
         args.official and load_official(args.official)            # its problems first, in a line

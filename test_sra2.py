@@ -3655,8 +3655,9 @@ def test_flop_count_of_b2_and_projector_overhead():
     (["--official", "TIMM"], "needs the Python module 'timm_is_not_installed_here' (SiT's "
                              "models.py imports timm: pip install timm)"),
     (["--official", "NOSIT"], "no class SiT in it (SiT's models.py)"),
-    (["--flops"], "--flops: {flops} exists (the committed record); pass --overwrite to replace "
+    (["--flops"], "{flops} exists (the committed record); pass --overwrite to replace "
                   "it, or move it away"),
+    (["--demo"], "{steps} exists (the committed record); pass --overwrite to replace it"),
 ])
 def test_bench_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, capsys,
                                                      monkeypatch):
@@ -3666,17 +3667,28 @@ def test_bench_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, c
     (tmp_path / "nosit.py").write_text("x = 1\n")
     argv = [{"TIMM": str(tmp_path / "timm.py"), "NOSIT": str(tmp_path / "nosit.py")}.get(a, a)
             for a in argv]
-    flops = HERE / "results" / "flops.json"
-    before = flops.read_bytes()
+    flops, steps = HERE / "results" / "flops.json", HERE / "results" / "cpu_steps.json"
+    before = flops.read_bytes(), steps.read_bytes()
     monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("benchmark ran"))
     monkeypatch.setattr(bench, "train_flops_per_image", lambda *a: pytest.fail("counted"))
+    monkeypatch.setattr(bench, "demo_steps", lambda *a: pytest.fail("timed"))
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("bench.py: error: ")
-    assert expected.format(flops=flops) in err[0], err
-    assert flops.read_bytes() == before
+    assert expected.format(flops=flops, steps=steps) in err[0], err
+    assert (flops.read_bytes(), steps.read_bytes()) == before
 
+
+def test_bench_demo_times_every_demo_model_with_and_without_sra2_in_both_precisions(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "bench_train", lambda name, batch, mode, sra, device, kw, *a: seen.append(
+        (kw["depth"], kw["hidden_size"], kw["input_size"], kw["in_channels"], batch, mode, sra))
+        or dict(ms=1.0, low=1e-3, high=1e-3))
+    rows = bench.demo_steps(torch.device("cpu"))
+    assert len(rows) == len(seen) == len(set(seen)) == len(tiny_demo.DEMO_MODELS) * 4
+    assert {(24, 64, 16, 4, 64, "bf16", True), (8, 128, 16, 4, 64, "fp32", False)} <= set(seen)
+    assert {r["model"] for r in rows} == set(tiny_demo.DEMO_MODELS)
 
 def test_bench_rows_show_their_spread_and_say_when_it_is_too_wide():
     assert bench.spread_note(0.010, 0.012) == "  10.0-12.0 ms"
