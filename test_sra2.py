@@ -2788,6 +2788,22 @@ def test_records_name_the_cpu_by_family_and_model(tmp_path, monkeypatch):
     assert demo_infra.cpu_name(tmp_path / "cpuinfo") == "AMD EPYC (family 25, model 17)"
     assert demo_infra.cpu_name(tmp_path / "missing") == ""
 
+def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
+    """Baseline FIDs 200/180/170 at steps 266/533/800; SRA 2 reaches 170 between 533 (172) and
+    800 (165), at 533 + 267 * 2/7 = 609.3: 800/609.3 = 1.31x; the control ends above: never."""
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    make = lambda loss, fids: dict(heldout=[dict(step=800, loss=loss)], data="d", fid=[
+        dict(step=s, fid=f) for s, f in zip((266, 533, 800), fids)])
+    records = {"24x64-base-s2": make(0.5, [200, 180, 170]), "24x64-b8-s2": make(0.49, [195, 172, 165]),
+               "24x64-ctl8-s2": make(0.51, [199, 185, 171]), "24x64-b8-s0": make(0.4, [])}
+    rows = depth.fresh_rows(records)
+    assert rows[0].startswith("| seed | run | held-out gap, step 800 | FID-250 at steps 266 / 533 / 800")
+    assert rows[2:] == ["| 2 | baseline | - | 200.0 / 180.0 / 170.0 | - |",
+                        "| 2 | SRA 2, block 8 | -2.00% | 195.0 / 172.0 / 165.0 | 1.31x |",
+                        "| 2 | control, block 8 | +2.00% | 199.0 / 185.0 / 171.0 | never |"]
+
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
     study = importlib.util.module_from_spec(spec)

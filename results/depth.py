@@ -117,6 +117,33 @@ def unpaired(records):
             if base(job) in records and r["data"] != records[base(job)]["data"]]
 
 
+def fresh_rows(records, model="24x64"):
+    """The fresh seeds: per seed and run the held-out gap at the last step, FID-250 at each
+    checkpoint, and the demo's speed-up reading (tiny_demo.reach: where the run's FID curve last
+    crosses the baseline's final FID)."""
+    paper = blocks(model)[0]
+    rows = []
+    for k in FRESH:
+        base = records.get(f"{model}-base-s{k}")
+        for variant, what in (("base", "baseline"), (f"b{paper}", f"SRA 2, block {paper}"),
+                              (f"ctl{paper}", f"control, block {paper}")):
+            run = records.get(f"{model}-{variant}-s{k}")
+            if not (run and base):
+                continue
+            steps, fids = [e["step"] for e in base["fid"]], [e["fid"] for e in run["fid"]]
+            x = tiny_demo.reach(steps, fids, base["fid"][-1]["fid"])[0]
+            reading = "-" if run is base else f"{steps[-1] / x:.2f}x" if x else "never"
+            rows.append(f"| {k} | {what} | " + ("-" if run is base else
+                        f"{study.gap(run, base, 'loss', -1):+.2f}%") + " | "
+                        + " / ".join(f"{f:.1f}" for f in fids) + f" | {reading} |")
+    if not rows:
+        return []
+    steps = next(r["fid"] for j, r in records.items() if j.startswith(model + "-base-s") and r["fid"])
+    return ["| seed | run | held-out gap, step 800 | FID-250 at steps " + " / ".join(
+        str(e["step"]) for e in steps) + " | speed-up to the baseline's final FID |",
+        "|---|---|---|---|---|", *rows]
+
+
 def gaps(records, model, variant, at=-1):
     """{seed: held-out gap (%) of variant against the baseline of the same model and seed}."""
     pairs = {k: (records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}"))
@@ -157,6 +184,12 @@ def text(records):
                      f"{cell(gaps(records, model, f'ctl{paper}', 1))} | "
                      + ", ".join(f"{x:.4f}" for x in base) + " |")
     lines += ["", "## In the README", "", *readme_rows(records)]
+    if fresh_rows(records):
+        lines += ["", "## Fresh seeds: 24x64, block 8, with FID", "", "Seeds 2, 3 and 4 chose "
+                  "nothing. FID-250: 250 EMA samples (25-step SDE, no CFG) against 1,000 training "
+                  "images, tiny_demo.py's checkpoint FID. Speed-up: the baseline's steps over "
+                  "the step where the run's FID curve last reaches the baseline's final FID "
+                  "(linear between checkpoints); never: it ends above.", "", *fresh_rows(records)]
     lines += ["", "## The gap at each checkpoint", "", "| model | run | seed | " + " | ".join(
         f"step {e['step']}" for e in next(iter(records.values()))["heldout"]) + " |",
         "|---|---|---|" + "---|" * len(next(iter(records.values()))["heldout"])]
