@@ -232,6 +232,10 @@ def charts(records):
             points = sorted((d, mean(g)) for d, g in points if g)
             if points:
                 series.append((f"{what}, width {width}", *zip(*points), i, j == 1))
+    for j, (what, variant) in enumerate((("SRA 2", "b8"), ("control", "ctl8"))):
+        g = gaps(records, "24x64-taef2", variant)                  # a dot: one model, one block
+        if g:
+            series.append((f"{what}, 24x64 on TAEF2's latents", [24], [mean(g)], 2 + j, False))
     if series:
         series.append((None, [0, 24], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_gap.png", series, "held-out loss gap against the "
