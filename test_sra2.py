@@ -2804,6 +2804,23 @@ def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
                         "| 2 | SRA 2, block 8 | -2.00% | 195.0 / 172.0 / 165.0 | 1.31x |",
                         "| 2 | control, block 8 | +2.00% | 199.0 / 185.0 / 171.0 | never |"]
 
+def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    run = lambda data, loss: dict(data=data, heldout=[dict(step=800, loss=loss)])
+    records = {"24x64-base-s0": run("old", 0.1), "24x64-base-s2": run("new", 0.60),
+               "24x64-b8-s2": run("new", 0.58), "24x64-b8-s3": run("new", 0.59),
+               "6x128-base-s0": run("new", 0.56), "6x128-base-s1": run("new", 0.57)}
+    steps = [dict(model=m, mode=mode, sra2=sra, ms=ms * (1 if mode == "fp32" else 0.8))
+             for m, sra, ms in [("24x64", False, 700.0), ("24x64", True, 750.0), ("6x128", False, 500.0)]
+             for mode in ("fp32", "bf16")]                        # the runs are fp32
+    assert depth.equal_time(records, steps)[2:] == [
+        "| 24x64 | baseline | 2 | 700 | 560 s | 0.6000 |",
+        "| 24x64 | SRA 2, block 8 | 2, 3 | 750 | 600 s | 0.5850 |",
+        "| 6x128 | baseline | 0, 1 | 500 | 400 s | 0.5650 |"]
+    assert depth.equal_time({"24x64-base-s0": run("old", 0.1)}, steps) == []
+
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
     study = importlib.util.module_from_spec(spec)

@@ -144,6 +144,31 @@ def fresh_rows(records, model="24x64"):
         "|---|---|---|---|---|", *rows]
 
 
+def equal_time(records, steps=None):
+    """Every baseline, and SRA 2 and the control of 24x64 on the fresh seeds, on one stage 1: its
+    time per step (results/cpu_steps.json: one thread, fp32, no other work; `steps` overrides),
+    the time of 800 steps, and the held-out loss at step 800 (mean of its seeds)."""
+    if steps is None:
+        steps = json.loads((HERE / "cpu_steps.json").read_text())["figures"]
+    ms = {(r["model"], r["sra2"]): r["ms"] for r in steps if r["mode"] == "fp32"}
+    fresh = [f"24x64-{v}-s{k}" for v in ("base", "b8", "ctl8") for k in FRESH]
+    if not any(job in records for job in fresh):
+        return []
+    data = next(records[job]["data"] for job in fresh if job in records)
+    rows = ["| SiT | run | seeds | ms per step | 800 steps | held-out loss at 800 |",
+            "|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for variant, what, sra in (("base", "baseline", False), ("b8", "SRA 2, block 8", True),
+                                   ("ctl8", "control, block 8", True)):
+            runs = {k: records[j] for k in SEEDS + FRESH if (j := f"{model}-{variant}-s{k}") in
+                    records and records[j]["data"] == data}
+            if runs and (model, sra) in ms:
+                loss = sum(r["heldout"][-1]["loss"] for r in runs.values()) / len(runs)
+                rows.append(f"| {model} | {what} | {', '.join(map(str, runs))} | "
+                            f"{ms[model, sra]:.0f} | {0.8 * ms[model, sra]:.0f} s | {loss:.4f} |")
+    return rows
+
+
 def gaps(records, model, variant, at=-1):
     """{seed: held-out gap (%) of variant against the baseline of the same model and seed}."""
     pairs = {k: (records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}"))
@@ -184,6 +209,11 @@ def text(records):
                      f"{cell(gaps(records, model, f'ctl{paper}', 1))} | "
                      + ", ".join(f"{x:.4f}" for x in base) + " |")
     lines += ["", "## In the README", "", *readme_rows(records)]
+    if equal_time(records):
+        lines += ["", "## At equal CPU time", "", "The runs on the fresh seeds' stage 1 (the "
+                  "same latents), each at its time per training step, measured alone on one "
+                  "thread by `python bench.py --demo` (results/cpu_steps.json).", "",
+                  *equal_time(records)]
     if fresh_rows(records):
         lines += ["", "## Fresh seeds: 24x64, block 8, with FID", "", "Seeds 2, 3 and 4 chose "
                   "nothing. FID-250: 250 EMA samples (25-step SDE, no CFG) against 1,000 training "
