@@ -2821,6 +2821,17 @@ def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
         "| 6x128 | baseline | 0, 1 | 500 | 400 s | 0.5650 |"]
     assert depth.equal_time({"24x64-base-s0": run("old", 0.1)}, steps) == []
 
+def test_depth_study_counts_the_checkpoints_where_the_control_is_ahead_of_sra2():
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    run = lambda losses: dict(data="d", heldout=[dict(step=100 * (i + 1), loss=x)
+                                                 for i, x in enumerate(losses)])
+    records = {"12x64-base-s0": run([1.0] * 8), "12x64-b2-s0": run([0.9] * 7 + [0.8]),
+               "12x64-ctl2-s0": run([0.85] * 7 + [0.85]), "12x64-b2-s1": run([0.1] * 8)}
+    assert depth.control_ahead(records, ["12x64"]) == (7, 8)        # seed 1 has no baseline
+    assert depth.control_ahead(records, ["6x64"]) == (0, 0)
+
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
     study = importlib.util.module_from_spec(spec)

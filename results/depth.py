@@ -168,6 +168,18 @@ def equal_time(records, steps=None):
     return rows
 
 
+def control_ahead(records, models):
+    """(checkpoints at which SRA 2 is behind the control, checkpoints compared): every model,
+    seed 0 and 1, and checkpoint."""
+    diffs = []
+    for model in models:
+        paper = blocks(model)[0]
+        for at in range(int(PROTOCOL[PROTOCOL.index("--heldout-evals") + 1])):
+            sra, ctl = gaps(records, model, f"b{paper}", at), gaps(records, model, f"ctl{paper}", at)
+            diffs += [sra[k] - ctl[k] for k in sra if k in ctl]
+    return sum(d > 0 for d in diffs), len(diffs)
+
+
 def gaps(records, model, variant, at=-1):
     """{seed: held-out gap (%) of variant against the baseline of the same model and seed}."""
     pairs = {k: (records.get(f"{model}-{variant}-s{k}"), records.get(f"{model}-base-s{k}"))
@@ -207,6 +219,12 @@ def text(records):
                      f"{cell(gaps(records, model, f'b{paper}', 1))} | "
                      f"{cell(gaps(records, model, f'ctl{paper}', 1))} | "
                      + ", ".join(f"{x:.4f}" for x in base) + " |")
+    for vae, models in (("the demo's VAE", MODELS), ("TAEF2", ["24x64-taef2"])):
+        behind, compared = control_ahead(records, models)
+        if compared:
+            lines += ["", f"On {vae}'s latents, SRA 2 is behind the control (SRA 2 - control > 0) "
+                      f"at {behind} of {compared} checkpoints (every model, seed 0 and 1, and "
+                      "checkpoint)."]
     lines += ["", "## In the README", "", *readme_rows(records)]
     if equal_time(records):
         lines += ["", "## At equal CPU time", "", "The runs on the fresh seeds' stage 1 (the "
@@ -271,7 +289,7 @@ def charts(records):
                               "baseline at step 800 (%, below 0: better), mean of the seeds",
                               "SiT blocks (aligned at the paper's fraction of depth)", "gap (%)")
     series = []
-    for i, model in enumerate(m for m in MODELS if f"{m}-base-s0" in records):
+    for i, model in enumerate(m for m in ROWS if f"{m}-base-s0" in records):
         paper = blocks(model)[0]
         for variant, what, thin in ((f"b{paper}", "SRA 2", False), (f"ctl{paper}", "control", True)):
             steps = [e["step"] for e in records[f"{model}-base-s0"]["heldout"]]
