@@ -259,10 +259,11 @@ def text(records):
     lines += [f"- {', '.join(dict.fromkeys(models))}: {machine}; stage 1 {stage}"
               for (stage, machine), models in made.items()]
     lines += ["", "## Every run", "",
-              "| job | held-out loss at each checkpoint | train time | command |", "|---|---|---|---|"]
+              "| job | held-out loss at each checkpoint | train time | steps above the clip | "
+              "command |", "|---|---|---|---|---|"]
     for job, r in records.items():
         lines.append(f"| {job} | " + " ".join(f"{e['loss']:.4f}" for e in r["heldout"]) +
-                     f" | {r['train_seconds']:.0f} s | `{r['command']}` |")
+                     f" | {r['train_seconds']:.0f} s | {r['steps_above_clip']} | `{r['command']}` |")
     return "\n".join(lines) + "\n"
 
 
