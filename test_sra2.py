@@ -1643,7 +1643,9 @@ class FakeFID:
 
 
 # 12 steps, a checkpoint (and log line) every 3, FID at steps 6 and 12, plumbing-only FID.
-RESUME = [*TINY, "--steps", "12", "--evals", "2", "--ckpt-every", "3"]
+# fp32: the bitwise and float-rounding claims below are fp32's, on any CPU (auto is bf16 on one
+# with native bf16, where two half batches round differently from one whole batch).
+RESUME = [*TINY, "--steps", "12", "--evals", "2", "--ckpt-every", "3", "--precision", "fp32"]
 
 
 # The child processes (a SIGKILLed run, torchrun's ranks) run this: tiny_demo.main with the
@@ -2143,6 +2145,7 @@ def test_quick_demo_runs_with_taef2(tmp_path, monkeypatch):
     assert results["settings"]["vae"] == "taef2" and "stage 1 stage1-taef2-" in results["data"]
     assert (tmp_path / "out" / "vae_reconstructions.png").is_file()
 
+
 def test_reach_interpolates_between_checkpoints():
     steps = [100, 200, 300, 400]
     assert tiny_demo.reach(steps, [50, 40, 30, 20], 35) == (250, True)
@@ -2565,6 +2568,20 @@ def test_depth_sweep_models_align_at_the_papers_fraction_of_depth():
     assert s.align_depth == 4
 
 
+def test_auto_precision_is_resolved_before_the_run_starts(monkeypatch, tmp_path):
+    """--precision auto becomes the device's default before data, checkpoints or records see it."""
+    def stop(*a):
+        raise RuntimeError("stopped at the data")
+    for default in ("bf16", "fp32"):
+        args = tiny_demo.parse_args(TINY)
+        assert args.precision == "auto"
+        monkeypatch.setattr(sra2, "default_precision", lambda device: default)
+        monkeypatch.setattr(tiny_demo, "rank0_first", stop)
+        with pytest.raises(RuntimeError, match="stopped at the data"):
+            tiny_demo.experiment(args, torch.device("cpu"), tmp_path, "cpu")
+        assert args.precision == default
+
+
 def test_default_precision_is_bf16_only_where_it_is_native(monkeypatch):
     """bf16 autocast on CUDA, and on a CPU only with native bf16 (AVX512-BF16 or AMX): elsewhere
     the CPU emulates it, slower than fp32."""
@@ -2735,7 +2752,7 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
         made = study.record(job, tmp_path)
         assert {"command", "commit", "machine"} <= set(made) and "tiny_demo.py" in made["command"]
     assert set(study.record(study.CONFIRM[0], tmp_path)["runs"]) == {"baseline", "sra2"}
-    assert made["settings"]["precision"] == sra2.default_precision("cpu")   # resolved, recorded
+    assert made["settings"]["precision"] == "fp32"                            # recorded
 
 
 def test_depth_study_commands_are_the_protocol():
@@ -2778,6 +2795,7 @@ def test_depth_study_reads_a_gap_only_between_runs_on_the_same_stage_1():
     assert [j for j in depth.QUEUE if j.startswith("24x64-")][:3] == [
         "24x64-base-s0", "24x64-b8-s0", "24x64-ctl8-s0"]
 
+
 def test_records_name_the_cpu_by_family_and_model(tmp_path, monkeypatch):
     """Two CPUs named "AMD EPYC" can be Zen 3 or Zen 4: a record names family, model and bf16."""
     info = "processor\t: {}\ncpu family\t: 25\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
@@ -2787,6 +2805,7 @@ def test_records_name_the_cpu_by_family_and_model(tmp_path, monkeypatch):
     monkeypatch.setattr(sra2, "default_precision", lambda device: "fp32")
     assert demo_infra.cpu_name(tmp_path / "cpuinfo") == "AMD EPYC (family 25, model 17)"
     assert demo_infra.cpu_name(tmp_path / "missing") == ""
+
 
 def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
     """Baseline FIDs 200/180/170 at steps 266/533/800; SRA 2 reaches 170 between 533 (172) and
@@ -2803,6 +2822,7 @@ def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
     assert rows[2:] == ["| 2 | baseline | - | 200.0 / 180.0 / 170.0 | - |",
                         "| 2 | SRA 2, block 8 | -2.00% | 195.0 / 172.0 / 165.0 | 1.31x |",
                         "| 2 | control, block 8 | +2.00% | 199.0 / 185.0 / 171.0 | never |"]
+
 
 def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
     spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
@@ -2821,6 +2841,7 @@ def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
         "| 6x128 | baseline | 0, 1 | 500 | 400 s | 0.5650 |"]
     assert depth.equal_time({"24x64-base-s0": run("old", 0.1)}, steps) == []
 
+
 def test_depth_study_counts_the_checkpoints_where_the_control_is_ahead_of_sra2():
     spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
     depth = importlib.util.module_from_spec(spec)
@@ -2831,6 +2852,7 @@ def test_depth_study_counts_the_checkpoints_where_the_control_is_ahead_of_sra2()
                "12x64-ctl2-s0": run([0.85] * 7 + [0.85]), "12x64-b2-s1": run([0.1] * 8)}
     assert depth.control_ahead(records, ["12x64"]) == (7, 8)        # seed 1 has no baseline
     assert depth.control_ahead(records, ["6x64"]) == (0, 0)
+
 
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
@@ -3733,6 +3755,7 @@ def test_bench_demo_times_every_demo_model_with_and_without_sra2_in_both_precisi
     assert len(rows) == len(seen) == len(set(seen)) == len(tiny_demo.DEMO_MODELS) * 4
     assert {(24, 64, 16, 4, 64, "bf16", True), (8, 128, 16, 4, 64, "fp32", False)} <= set(seen)
     assert {r["model"] for r in rows} == set(tiny_demo.DEMO_MODELS)
+
 
 def test_bench_rows_show_their_spread_and_say_when_it_is_too_wide():
     assert bench.spread_note(0.010, 0.012) == "  10.0-12.0 ms"
