@@ -2648,9 +2648,7 @@ def test_readme_results_come_from_the_records_in_results():
     records in results/study/ and results/depth/; each record names its command, commit and
     machine, and both files are what those records give today."""
     text = (HERE / "README.md").read_text().split("\n## Results", 1)[1].split("\n## ", 1)[0]
-    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
-    depth_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth_py)
+    depth_py = _depth()
     depth_records = depth_py.load_records()
     assert depth_records and all({"command", "commit", "machine"} <= set(r)
                                  for r in depth_records.values())
@@ -2664,9 +2662,7 @@ def test_readme_results_come_from_the_records_in_results():
     numbers = re.findall(r"[+-]?\d+\.\d+%?", re.sub(r"\|.*", "", text))
     assert numbers and all(n in study + depth for n in numbers), [
         n for n in numbers if n not in study + depth]
-    spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
-    study_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study_py)
+    study_py = _study()
     records = study_py.load_records()
     assert records and all({"command", "commit", "machine"} <= set(r) for r in records.values())
     assert study_py.study_text(records) == study
@@ -2743,9 +2739,7 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
     """results/study.py's record() on a results.json that tiny_demo.report wrote: a confirmation
     pair (both runs) and a screen run (one), each with its command, commit and machine."""
     root, _ = reference_run
-    spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _study()
     for job in (study.CONFIRM[0], study.QUEUE[0]):
         (tmp_path / job).mkdir()
         shutil.copy(root / "out" / "results.json", tmp_path / job / "results.json")
@@ -2758,9 +2752,7 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
 def test_depth_study_commands_are_the_protocol():
     """results/depth.py: every job is tiny_demo.py at the screen protocol in fp32, the control
     aligned to another image's latent at the paper's block."""
-    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
-    depth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth)
+    depth = _depth()
     assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2 + 3 * 3
     argv = depth.command("24x64-ctl8-s1", "data", "work")[2:]
     s = tiny_demo.parse_args(argv)
@@ -2782,9 +2774,7 @@ def test_depth_study_commands_are_the_protocol():
 def test_depth_study_reads_a_gap_only_between_runs_on_the_same_stage_1():
     """Stage 1 is not bit-reproducible across machines: a run whose record names other latents
     than its baseline's (file, shift, scale) is refused, whatever the model or seed."""
-    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
-    depth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth)
+    depth = _depth()
     a, b = "stage 1 stage1-x.pt, latent shift -0.150324", "stage 1 stage1-x.pt, latent shift -0.150325"
     records = {"12x64-base-s0": dict(data=a), "12x64-b2-s0": dict(data=a),
                "12x64-ctl2-s0": dict(data=b), "12x64-base-s1": dict(data=b),
@@ -2810,9 +2800,7 @@ def test_records_name_the_cpu_by_family_and_model(tmp_path, monkeypatch):
 def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
     """Baseline FIDs 200/180/170 at steps 266/533/800; SRA 2 reaches 170 between 533 (172) and
     800 (165), at 533 + 267 * 2/7 = 609.3: 800/609.3 = 1.31x; the control ends above: never."""
-    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
-    depth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth)
+    depth = _depth()
     make = lambda loss, fids: dict(heldout=[dict(step=800, loss=loss)], data="d", fid=[
         dict(step=s, fid=f) for s, f in zip((266, 533, 800), fids)])
     records = {"24x64-base-s2": make(0.5, [200, 180, 170]), "24x64-b8-s2": make(0.49, [195, 172, 165]),
@@ -2825,9 +2813,7 @@ def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
 
 
 def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
-    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
-    depth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth)
+    depth = _depth()
     run = lambda data, loss: dict(data=data, heldout=[dict(step=800, loss=loss)])
     records = {"24x64-base-s0": run("old", 0.1), "24x64-base-s2": run("new", 0.60),
                "24x64-b8-s2": run("new", 0.58), "24x64-b8-s3": run("new", 0.59),
@@ -2843,9 +2829,7 @@ def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
 
 
 def test_depth_study_counts_the_checkpoints_where_the_control_is_ahead_of_sra2():
-    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
-    depth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(depth)
+    depth = _depth()
     run = lambda losses: dict(data="d", heldout=[dict(step=100 * (i + 1), loss=x)
                                                  for i, x in enumerate(losses)])
     records = {"12x64-base-s0": run([1.0] * 8), "12x64-b2-s0": run([0.9] * 7 + [0.8]),
@@ -2853,6 +2837,12 @@ def test_depth_study_counts_the_checkpoints_where_the_control_is_ahead_of_sra2()
     assert depth.control_ahead(records, ["12x64"]) == (7, 8)        # seed 1 has no baseline
     assert depth.control_ahead(records, ["6x64"]) == (0, 0)
 
+
+def _depth():
+    spec = importlib.util.spec_from_file_location("depth", HERE / "results" / "depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    return depth
 
 def _study():
     spec = importlib.util.spec_from_file_location("study", HERE / "results" / "study.py")

@@ -150,15 +150,17 @@ def equal_time(records, steps=None):
     if steps is None:
         steps = json.loads((HERE / "cpu_steps.json").read_text())["figures"]
     ms = {(r["model"], r["sra2"]): r["ms"] for r in steps if r["mode"] == "fp32"}
-    fresh = [f"24x64-{v}-s{k}" for v in ("base", "b8", "ctl8") for k in FRESH]
+    paper = blocks("24x64")[0]
+    runs_of = (("base", "baseline", False), (f"b{paper}", f"SRA 2, block {paper}", True),
+               (f"ctl{paper}", f"control, block {paper}", True))
+    fresh = [f"24x64-{v}-s{k}" for v, _, _ in runs_of for k in FRESH]
     if not any(job in records for job in fresh):
         return []
     data = next(records[job]["data"] for job in fresh if job in records)
     rows = ["| SiT | run | seeds | ms per step | 800 steps | held-out loss at 800 |",
             "|---|---|---|---|---|---|"]
     for model in MODELS:
-        for variant, what, sra in (("base", "baseline", False), ("b8", "SRA 2, block 8", True),
-                                   ("ctl8", "control, block 8", True)):
+        for variant, what, sra in runs_of:
             runs = {k: records[j] for k in SEEDS + FRESH if (j := f"{model}-{variant}-s{k}") in
                     records and records[j]["data"] == data}
             if runs and (model, sra) in ms:
@@ -226,17 +228,18 @@ def text(records):
                       f"at {behind} of {compared} checkpoints (every model, seed 0 and 1, and "
                       "checkpoint)."]
     lines += ["", "## In the README", "", *readme_rows(records)]
-    if equal_time(records):
+    at_equal_time, fresh = equal_time(records), fresh_rows(records)
+    if at_equal_time:
         lines += ["", "## At equal CPU time", "", "The runs on the fresh seeds' stage 1 (the "
                   "same latents), each at its time per training step, measured alone on one "
                   "thread by `python bench.py --demo` (results/cpu_steps.json).", "",
-                  *equal_time(records)]
-    if fresh_rows(records):
+                  *at_equal_time]
+    if fresh:
         lines += ["", "## Fresh seeds: 24x64, block 8, with FID", "", "Seeds 2, 3 and 4 chose "
                   "nothing. FID-250: 250 EMA samples (25-step SDE, no CFG) against 1,000 training "
                   "images, tiny_demo.py's checkpoint FID. Speed-up: the baseline's steps over "
                   "the step where the run's FID curve last reaches the baseline's final FID "
-                  "(linear between checkpoints); never: it ends above.", "", *fresh_rows(records)]
+                  "(linear between checkpoints); never: it ends above.", "", *fresh]
     lines += ["", "## The gap at each checkpoint", "", "| model | run | seed | " + " | ".join(
         f"step {e['step']}" for e in next(iter(records.values()))["heldout"]) + " |",
         "|---|---|---|" + "---|" * len(next(iter(records.values()))["heldout"])]
@@ -280,8 +283,8 @@ def charts(records):
             points = sorted((d, mean(g)) for d, g in points if g)
             if points:
                 series.append((f"{what}, width {width}", *zip(*points), i, j == 1))
-    for j, (what, variant) in enumerate((("SRA 2", "b8"), ("control", "ctl8"))):
-        g = gaps(records, "24x64-taef2", variant)                  # a dot: one model, one block
+    for j, (what, variant) in enumerate((("SRA 2", "b"), ("control", "ctl"))):
+        g = gaps(records, "24x64-taef2", f"{variant}{blocks('24x64')[0]}")    # a dot: one model
         if g:
             series.append((f"{what}, 24x64 on TAEF2's latents", [24], [mean(g)], 2 + j, False))
     if series:
@@ -324,12 +327,14 @@ def main(argv=None):
         records = collect(a.work)
         if not records:
             raise SystemExit(f"depth.py: no finished runs in {a.work} or {HERE / 'depth'}")
-        if unpaired(records):
+        mismatched = unpaired(records)
+        if mismatched:
             raise SystemExit("depth.py: trained on other latents than their baselines (re-run "
-                             "the baselines on this stage 1): " + ", ".join(unpaired(records)))
-        (HERE / "depth.md").write_text(text(records))
+                             "the baselines on this stage 1): " + ", ".join(mismatched))
+        written = text(records)
+        (HERE / "depth.md").write_text(written)
         charts(records)
-        print(text(records), end="")
+        print(written, end="")
 
 
 if __name__ == "__main__":
