@@ -2753,7 +2753,7 @@ def test_depth_study_commands_are_the_protocol():
     """results/depth.py: every job is tiny_demo.py at the screen protocol in fp32, the control
     aligned to another image's latent at the paper's block."""
     depth = _depth()
-    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2 + 3 * 3
+    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2 + 3 * 3 + 3
     argv = depth.command("24x64-ctl8-s1", "data", "work")[2:]
     s = tiny_demo.parse_args(argv)
     tiny_demo.check(s)
@@ -2769,6 +2769,10 @@ def test_depth_study_commands_are_the_protocol():
     assert tiny_demo.parse_args(depth.command("24x64-ctl8-s1")[2:]).vae == "own"
     fresh = tiny_demo.parse_args(depth.command("24x64-b8-s2")[2:])      # FID only on fresh seeds
     assert (fresh.evals, s.evals, fresh.seed, fresh.steps) == (3, 0, "2", 800)
+    long = tiny_demo.parse_args(depth.command("24x64-5k-ctl8-s0")[2:])    # the long run
+    tiny_demo.check(long)
+    assert (long.steps, long.heldout_evals, long.evals, long.target, long.align_depth, long.vae,
+            long.model, long.seeds) == (5000, 10, 0, "other", 8, "own", "24x64", [0])
 
 
 def test_depth_study_reads_a_gap_only_between_runs_on_the_same_stage_1():
@@ -2826,6 +2830,21 @@ def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():
         "| 24x64 | SRA 2, block 8 | 2, 3 | 750 | 600 s | 0.5850 |",
         "| 6x128 | baseline | 0, 1 | 500 | 400 s | 0.5650 |"]
     assert depth.equal_time({"24x64-base-s0": run("old", 0.1)}, steps) == []
+
+
+def test_depth_study_long_run_reads_each_checkpoint_against_its_baseline():
+    """Baseline 1.0 then 0.5; SRA 2 0.9 then 0.51 (-10%, +2%); control 0.95 then 0.49 (-5%, -2%):
+    SRA 2 - control -5 then +4 points. A run without its baseline gives no table."""
+    depth = _depth()
+    run = lambda losses: dict(data="d", heldout=[dict(step=2500 * (i + 1), loss=x)
+                                                 for i, x in enumerate(losses)])
+    records = {"24x64-5k-base-s0": run([1.0, 0.5]), "24x64-5k-b8-s0": run([0.9, 0.51]),
+               "24x64-5k-ctl8-s0": run([0.95, 0.49]), "24x64-base-s0": run([2.0, 2.0])}
+    assert depth.long_rows(records)[2:] == ["| 2500 | 1.0000 | -10.00% | -5.00% | -5.00% |",
+                                            "| 5000 | 0.5000 | +2.00% | -2.00% | +4.00% |"]
+    del records["24x64-5k-ctl8-s0"]
+    assert depth.long_rows(records)[3] == "| 5000 | 0.5000 | +2.00% |  |  |"
+    assert depth.long_rows({"24x64-5k-b8-s0": run([0.9])}) == []
 
 
 def test_depth_study_counts_the_checkpoints_where_the_control_is_ahead_of_sra2():

@@ -147,6 +147,24 @@ def fresh_rows(records, model="24x64"):
         "|---|---|---|---|---|", *rows]
 
 
+def long_rows(records, model="24x64-5k"):
+    """The long run, per checkpoint: the baseline's held-out loss, the gaps of SRA 2 and the
+    control against it, and SRA 2 - control (above 0: the control is ahead)."""
+    paper = blocks(model)[0]
+    base, sra, ctl = (records.get(f"{model}-{v}-s0") for v in ("base", f"b{paper}", f"ctl{paper}"))
+    if not (base and (sra or ctl)):
+        return []
+    rows = ["| step | baseline's held-out loss | SRA 2, block 8 | control, block 8 | SRA 2 - "
+            "control |", "|---|---|---|---|---|"]
+    for at, e in enumerate(base["heldout"]):
+        g = [study.gap(run, base, "loss", at) if run and at < len(run["heldout"]) else None
+             for run in (sra, ctl)]
+        rows.append(f"| {e['step']} | {e['loss']:.4f} | " + " | ".join(
+            "" if x is None else f"{x:+.2f}%" for x in g + [None if None in g else g[0] - g[1]])
+            + " |")
+    return rows
+
+
 def equal_time(records, steps=None):
     """Every baseline, and SRA 2 and the control of 24x64 on the fresh seeds, on one stage 1: its
     time per step (results/cpu_steps.json: one thread, fp32, no other work; `steps` overrides),
@@ -244,6 +262,12 @@ def text(records):
                   "images, tiny_demo.py's checkpoint FID. Speed-up: the baseline's steps over "
                   "the step where the run's FID curve last reaches the baseline's final FID "
                   "(linear between checkpoints); never: it ends above.", "", *fresh]
+    long = long_rows(records)
+    if long:
+        lines += ["", "## The long run: 24x64, 5,000 steps, seed 0", "", "Does the gap close, "
+                  "hold or flip, and does the latent's information start to matter (SRA 2 "
+                  "ahead of the control) as training goes on? The protocol above, 5,000 steps "
+                  "with 10 held-out checkpoints, on the fresh seeds' stage 1.", "", *long]
     lines += ["", "## The gap at each checkpoint", "", "| model | run | seed | " + " | ".join(
         f"step {e['step']}" for e in next(iter(records.values()))["heldout"]) + " |",
         "|---|---|---|" + "---|" * len(next(iter(records.values()))["heldout"])]
@@ -310,6 +334,20 @@ def charts(records):
         series.append((None, [0, 800], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_steps.png", series, "held-out loss gap against the "
                               "baseline (%, below 0: better), mean of the seeds; thin: the control",
+                              "training steps", "gap (%)")
+    long = "24x64-5k"
+    series = []
+    if f"{long}-base-s0" in records:
+        steps = [e["step"] for e in records[f"{long}-base-s0"]["heldout"]]
+        for i, (what, variant) in enumerate((("SRA 2", "b8"), ("control", "ctl8"))):
+            curve = [gaps(records, long, variant, k) for k in range(len(steps))]
+            curve = [g[0] for g in curve if 0 in g]
+            if curve:
+                series.append((f"{what}, block 8", steps[:len(curve)], curve, 0, i == 1))
+    if series:
+        series.append((None, [0, steps[-1]], [0, 0], 7, True))
+        demo_infra.line_chart(HERE / "depth_long.png", series, "24x64, 5,000 steps, seed 0: "
+                              "held-out loss gap against the baseline (%, below 0: better)",
                               "training steps", "gap (%)")
 
 
