@@ -2814,6 +2814,17 @@ def test_depth_study_fresh_seeds_read_fid_and_speed_up_as_the_demo_does():
     assert rows[2:] == ["| 2 | baseline | - | 200.0 / 180.0 / 170.0 | - |",
                         "| 2 | SRA 2, block 8 | -2.00% | 195.0 / 172.0 / 165.0 | 1.31x |",
                         "| 2 | control, block 8 | +2.00% | 199.0 / 185.0 / 171.0 | never |"]
+    # Seed 3 completes a second triple, seed 4 only its baseline: means over seeds 2 and 3. SRA 2's
+    # mean curve 205/183.5/175 reaches the mean baseline's 180 at 533 + 267 * 3.5/8.5 = 642.9.
+    records.update({"24x64-base-s3": make(0.5, [220, 200, 190]),
+                    "24x64-b8-s3": make(0.48, [215, 195, 185]),
+                    "24x64-ctl8-s3": make(0.5, [221, 201, 189]),
+                    "24x64-base-s4": make(0.5, [230, 210, 200])})
+    assert depth.fresh_rows(records)[8:] == [
+        "| 4 | baseline | - | 230.0 / 210.0 / 200.0 | - |",
+        "| mean of 2, 3 | baseline | - | 210.0 / 190.0 / 180.0 | - |",
+        "| mean of 2, 3 | SRA 2, block 8 | -3.00% | 205.0 / 183.5 / 175.0 | 1.24x |",
+        "| mean of 2, 3 | control, block 8 | +1.00% | 210.0 / 193.0 / 180.0 | 1.00x |"]
 
 
 def test_depth_study_compares_at_equal_cpu_time_only_runs_on_the_same_latents():

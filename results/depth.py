@@ -123,27 +123,46 @@ def unpaired(records):
 def fresh_rows(records, model="24x64"):
     """The fresh seeds: per seed and run the held-out gap at the last step, FID-250 at each
     checkpoint, and the demo's speed-up reading (tiny_demo.reach: where the run's FID curve last
-    crosses the baseline's final FID)."""
+    crosses the baseline's final FID); with two or more seeds that have all three runs, a mean
+    row per run over those seeds (the gaps' mean, and the reading on the mean FID curves)."""
     paper = blocks(model)[0]
-    rows = []
+    runs = (("base", "baseline"), (f"b{paper}", f"SRA 2, block {paper}"),
+            (f"ctl{paper}", f"control, block {paper}"))
+
+    def row(seed, what, fids, base_fids, gap):
+        x = tiny_demo.reach(steps, fids, base_fids[-1])[0]
+        reading = "-" if gap is None else f"{steps[-1] / x:.2f}x" if x else "never"
+        return (f"| {seed} | {what} | " + ("-" if gap is None else f"{gap:+.2f}%") + " | "
+                + " / ".join(f"{f:.1f}" for f in fids) + f" | {reading} |")
+
+    rows, full = [], []
     for k in FRESH:
         base = records.get(f"{model}-base-s{k}")
-        for variant, what in (("base", "baseline"), (f"b{paper}", f"SRA 2, block {paper}"),
-                              (f"ctl{paper}", f"control, block {paper}")):
+        if not base:
+            continue
+        steps = [e["step"] for e in base["fid"]]
+        for variant, what in runs:
             run = records.get(f"{model}-{variant}-s{k}")
-            if not (run and base):
-                continue
-            steps, fids = [e["step"] for e in base["fid"]], [e["fid"] for e in run["fid"]]
-            x = tiny_demo.reach(steps, fids, base["fid"][-1]["fid"])[0]
-            reading = "-" if run is base else f"{steps[-1] / x:.2f}x" if x else "never"
-            rows.append(f"| {k} | {what} | " + ("-" if run is base else
-                        f"{study.gap(run, base, 'loss', -1):+.2f}%") + " | "
-                        + " / ".join(f"{f:.1f}" for f in fids) + f" | {reading} |")
+            if run:
+                rows.append(row(k, what, [e["fid"] for e in run["fid"]],
+                                [e["fid"] for e in base["fid"]],
+                                None if run is base else study.gap(run, base, "loss", -1)))
+        if all(f"{model}-{v}-s{k}" in records for v, _ in runs):
+            full.append(k)
     if not rows:
         return []
-    steps = next(r["fid"] for j, r in records.items() if j.startswith(model + "-base-s") and r["fid"])
+    if len(full) > 1:
+        mean = lambda xs: sum(xs) / len(xs)
+        curve = lambda v: [mean([records[f"{model}-{v}-s{k}"]["fid"][i]["fid"] for k in full])
+                           for i in range(len(steps))]
+        for variant, what in runs:
+            gap = None if variant == "base" else mean(
+                [study.gap(records[f"{model}-{variant}-s{k}"], records[f"{model}-base-s{k}"],
+                           "loss", -1) for k in full])
+            rows.append(row("mean of " + ", ".join(map(str, full)), what, curve(variant),
+                            curve("base"), gap))
     return ["| seed | run | held-out gap, step 800 | FID-250 at steps " + " / ".join(
-        str(e["step"]) for e in steps) + " | speed-up to the baseline's final FID |",
+        map(str, steps)) + " | speed-up to the baseline's final FID |",
         "|---|---|---|---|---|", *rows]
 
 
