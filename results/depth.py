@@ -11,9 +11,10 @@ held-out loss at 8 checkpoints, fp32): the baseline; SRA 2 at the paper's fracti
 other fraction; and the control, aligned at the paper's block to another image's latent (the
 batch rolled by one), which has the latents' statistics and none of this image's information.
 The 24x64 SiT is also trained the first three ways on the latents of the pretrained TAEF2
-(`--vae taef2`; rows 24x64-taef2). A gap is read only against the baseline trained on the same
-stage 1 (each record's `data` names its file, shift and scale): stage 1 is not bit-reproducible
-across machines, and the own-VAE 24x64 runs were made on another machine than the other models'.
+(`--vae taef2`; rows 24x64-taef2), and for 5,000 steps on seed 0 (jobs 24x64-5k-*). A gap is
+read only against the baseline trained on the same stage 1 (each record's `data` names its file,
+shift and scale): stage 1 is not bit-reproducible across machines, and the own-VAE 24x64 runs on
+seeds 0 and 1 were made on another machine than the other runs.
 """
 import argparse
 import json
