@@ -52,6 +52,14 @@ def variants(model):
             f"ctl{paper}": (f"control, block {paper}", ["--runs", "sra2", "--target", "other"])}
 
 
+def trio(model):
+    """(variant, label) of the three main runs: the baseline, SRA 2 at the paper's block, the
+    control at the same block."""
+    paper = blocks(model)[0]
+    return [("base", "baseline"), (f"b{paper}", f"SRA 2, block {paper}"),
+            (f"ctl{paper}", f"control, block {paper}")]
+
+
 def command(job, data=None, work=None, threads=1):
     """The tiny_demo.py command line of one job ("<model>[-taef2|-5k]-<variant>-s<seed>"; taef2:
     stage 1 is the pretrained TAEF2, not the demo's own VAE; 5k: 5,000 steps, 10 checkpoints)."""
@@ -126,9 +134,7 @@ def fresh_rows(records, model="24x64"):
     checkpoint, and the demo's speed-up reading (tiny_demo.reach: where the run's FID curve last
     crosses the baseline's final FID); with two or more seeds that have all three runs, a mean
     row per run over those seeds (the gaps' mean, and the reading on the mean FID curves)."""
-    paper = blocks(model)[0]
-    runs = (("base", "baseline"), (f"b{paper}", f"SRA 2, block {paper}"),
-            (f"ctl{paper}", f"control, block {paper}"))
+    runs = trio(model)
 
     def row(seed, what, fids, base_fids, gap):
         x = tiny_demo.reach(steps, fids, base_fids[-1])[0]
@@ -170,12 +176,12 @@ def fresh_rows(records, model="24x64"):
 def long_rows(records, model="24x64-5k"):
     """The long run, per checkpoint: the baseline's held-out loss, the gaps of SRA 2 and the
     control against it, and SRA 2 - control (above 0: the control is ahead)."""
-    paper = blocks(model)[0]
-    base, sra, ctl = (records.get(f"{model}-{v}-s0") for v in ("base", f"b{paper}", f"ctl{paper}"))
+    runs = trio(model)
+    base, sra, ctl = (records.get(f"{model}-{v}-s0") for v, _ in runs)
     if not (base and (sra or ctl)):
         return []
-    rows = ["| step | baseline's held-out loss | SRA 2, block 8 | control, block 8 | SRA 2 - "
-            "control |", "|---|---|---|---|---|"]
+    rows = ["| step | baseline's held-out loss | " + " | ".join(what for _, what in runs[1:])
+            + " | SRA 2 - control |", "|---|---|---|---|---|"]
     for at, e in enumerate(base["heldout"]):
         g = [study.gap(run, base, "loss", at) if run and at < len(run["heldout"]) else None
              for run in (sra, ctl)]
@@ -192,17 +198,15 @@ def equal_time(records, steps=None):
     if steps is None:
         steps = json.loads((HERE / "cpu_steps.json").read_text())["figures"]
     ms = {(r["model"], r["sra2"]): r["ms"] for r in steps if r["mode"] == "fp32"}
-    paper = blocks("24x64")[0]
-    runs_of = (("base", "baseline", False), (f"b{paper}", f"SRA 2, block {paper}", True),
-               (f"ctl{paper}", f"control, block {paper}", True))
-    fresh = [f"24x64-{v}-s{k}" for v, _, _ in runs_of for k in FRESH]
+    fresh = [f"24x64-{v}-s{k}" for v, _ in trio("24x64") for k in FRESH]
     if not any(job in records for job in fresh):
         return []
     data = next(records[job]["data"] for job in fresh if job in records)
     rows = ["| SiT | run | seeds | ms per step | 800 steps | held-out loss at 800 |",
             "|---|---|---|---|---|---|"]
     for model in MODELS:
-        for variant, what, sra in runs_of:
+        for variant, what in trio("24x64"):
+            sra = variant != "base"
             runs = {k: records[j] for k in SEEDS + FRESH if (j := f"{model}-{variant}-s{k}") in
                     records and records[j]["data"] == data}
             if runs and (model, sra) in ms:
@@ -359,11 +363,11 @@ def charts(records):
     series = []
     if f"{long}-base-s0" in records:
         steps = [e["step"] for e in records[f"{long}-base-s0"]["heldout"]]
-        for i, (what, variant) in enumerate((("SRA 2", "b8"), ("control", "ctl8"))):
+        for i, (variant, what) in enumerate(trio(long)[1:]):
             curve = [gaps(records, long, variant, k) for k in range(len(steps))]
             curve = [g[0] for g in curve if 0 in g]
             if curve:
-                series.append((f"{what}, block 8", steps[:len(curve)], curve, 0, i == 1))
+                series.append((what, steps[:len(curve)], curve, 0, i == 1))
     if series:
         series.append((None, [0, steps[-1]], [0, 0], 7, True))
         demo_infra.line_chart(HERE / "depth_long.png", series, "24x64, 5,000 steps, seed 0: "
