@@ -2747,6 +2747,37 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
         assert {"command", "commit", "machine"} <= set(made) and "tiny_demo.py" in made["command"]
     assert set(study.record(study.CONFIRM[0], tmp_path)["runs"]) == {"baseline", "sra2"}
     assert made["settings"]["precision"] == "fp32"                            # recorded
+    (tmp_path / study.PRESET).mkdir()
+    shutil.copy(root / "out" / "results.json", tmp_path / study.PRESET / "results.json")
+    preset = study.record(study.PRESET, tmp_path)                    # every run of every seed
+    assert set(preset["runs"]) == {"baseline-s0", "sra2-s0"} and preset["precision"] == "fp32"
+    assert study.preset_lines(preset)[3].startswith(f"`{preset['command']}` took ")
+
+
+def test_study_times_the_cpu_preset_as_shipped():
+    """`results/study.py run preset-cpu` is `tiny_demo.py --preset cpu` with nothing changed but
+    where it writes (its own seeds and threads, an empty cache of its own); its table reads the
+    wall time in minutes (rounded as --help and the README state it) and each run's last
+    held-out loss and FIDs."""
+    study = _study()
+    argv = study.command(study.PRESET, "data", "work", threads=1)
+    assert argv[:4] == ["python", "tiny_demo.py", "--preset", "cpu"] and "--threads" not in argv
+    assert argv[argv.index("--cache") + 1] == "work/preset-cpu-cache"
+    s = tiny_demo.parse_args(argv[2:])
+    tiny_demo.check(s)
+    assert (s.model, s.steps, s.seeds, s.threads, s.lam) == ("small", 1200, [0, 1], 2, 1.0)
+    run = lambda loss, fids: dict(train_seconds=1000.4, heldout=[dict(loss=0.6), dict(loss=loss)],
+                                  fid=[dict(step=s, fid=f) for s, f in zip((400, 800, 1200), fids)])
+    r = dict(command="python tiny_demo.py --preset cpu", card="cpu (2 cores, 2 threads)",
+             machine=dict(processor="x86_64", torch="2.13.0+cpu"), precision="bf16", commit="abc",
+             total_seconds=3029.0, runs={"baseline-s0": run(0.55, (250, 200, 181.26)),
+                                         "sra2-s0": run(0.5512, (240, 190, 180.0))})
+    lines = study.preset_lines(r)
+    assert study.preset_minutes(r) == 50 and "took 50.5 min (50 min, rounded)" in lines[3]
+    assert lines[5] == "| run | train time | held-out loss at the last step | FID-250 at steps " \
+                       "400 / 800 / 1200 |"
+    assert lines[-2:] == ["| baseline-s0 | 1000 s | 0.5500 | 250.0 / 200.0 / 181.3 |",
+                          "| sra2-s0 | 1000 s | 0.5512 | 240.0 / 190.0 / 180.0 |"]
 
 
 def test_depth_study_commands_are_the_protocol():

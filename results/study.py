@@ -8,7 +8,8 @@ a seed share the SiT init, the batches and the noise, so each SRA 2 variant is c
 baseline of the same seed and settings on identical draws. Settings are chosen on seeds 0 and 1
 with the held-out loss only; the chosen setting is then checked with FID on seeds 2, 3 and 4.
 `run` works through the runs not yet finished, `lanes` processes at a time, one thread each
-unless `--threads` says otherwise.
+unless `--threads` says otherwise. `run preset-cpu`, alone on the machine, times the cpu preset as
+shipped (not in the queue).
 """
 import argparse
 import json
@@ -64,10 +65,17 @@ CONFIRM_CONDITIONS = {
     3: "one thread, beside seed 2's pair, FID reference computed in the run",
     4: "the preset's two threads, alone on the machine, FID reference computed in the run",
 }
+# The cpu preset as shipped, `python tiny_demo.py --preset cpu` (its two seeds and two threads), on
+# an empty cache (stage 1 and the FID reference made in the run) and alone on the machine: its
+# wall time is the one tiny_demo.py's --help and the README state.
+PRESET = "preset-cpu"
 
 
 def command(job, data=None, work=None, threads=1):
     """The tiny_demo.py command line of one job ("<variant>-s<seed>")."""
+    if job == PRESET:                                          # the preset's own seeds and threads
+        return ["python", "tiny_demo.py", "--preset", "cpu", "--out", f"{work}/{job}"] + (
+            ["--data", str(data)] if data else []) + (["--cache", f"{work}/{job}-cache"] if work else [])
     name, seed = job.rsplit("-s", 1)
     flags = [*SCREEN, *VARIANTS[name][1]] if name in VARIANTS else CONFIRM_FLAGS
     flags = [*flags, "--seed", seed, "--threads", str(threads), "--out", f"{work}/{job}"]
@@ -94,6 +102,13 @@ def record(job, work):
     """The small record of one finished job: settings, command, commit, machine, every checkpoint."""
     res = json.loads((Path(work) / job / "results.json").read_text())
     s = res["settings"]
+    if job == PRESET:                                      # every run of both seeds, and the wall time
+        return dict(job=job, command=" ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]]),
+                    commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
+                    precision=s["precision"], total_seconds=res["total_seconds"],
+                    runs={f"{r['name']}-s{r['seed']}": dict(settings=r["settings"], train_seconds=r["wall"],
+                                                            heldout=r["heldout"], fid=r["evals"])
+                          for r in res["runs"]})
     if job in CONFIRM:                                             # both runs, and the whole pair's time
         return dict(job=job, seed=s["seed"], command=" ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]]),
                     commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
@@ -119,7 +134,7 @@ def collect(work):
     """results/study/<job>.json for every finished job; returns them by job name."""
     out, records = HERE / "study", {}
     out.mkdir(exist_ok=True)
-    for job in QUEUE + CONFIRM:
+    for job in QUEUE + CONFIRM + [PRESET]:
         if (Path(work) / job / "results.json").is_file():
             records[job] = record(job, work)
             (out / f"{job}.json").write_text(json.dumps(records[job], indent=1) + "\n")
@@ -131,7 +146,7 @@ def collect(work):
 def load_records():
     """The records in results/study/, in queue order."""
     found = {p.stem: json.loads(p.read_text()) for p in (HERE / "study").glob("*.json")}
-    return {job: found[job] for job in QUEUE + CONFIRM if job in found}
+    return {job: found[job] for job in QUEUE + CONFIRM + [PRESET] if job in found}
 
 
 def gap(sra, base, key="loss", at=-1):
@@ -190,13 +205,39 @@ def study_text(records):
               "", "## Every run", "", "| job | held-out loss at the last step | training denoise / align at the end | train time | "
               "held-out cost | command |", "|---|---|---|---|---|---|"]
     for job, r in records.items():
-        if job in CONFIRM:
+        if job in CONFIRM or job == PRESET:
             continue
         lines.append(f"| {job} | {r['heldout'][-1]['loss']:.4f} | {r['final']['denoise']:.2f} / "
                      f"{r['final']['align']:.2f} | {r['train_seconds']:.0f} s | "
                      f"{100 * r['heldout_seconds'] / r['train_seconds']:.1f}% | `{r['command']}` |")
     lines += confirm_lines({k: r for k, r in records.items() if k in CONFIRM})
+    lines += preset_lines(records.get(PRESET))
     return "\n".join(lines) + "\n"
+
+
+def preset_lines(r):
+    """The cpu preset as shipped: its wall time, then per run the held-out loss at the last step
+    and FID-250 at each checkpoint."""
+    if not r:
+        return []
+    m = r["machine"]
+    lines = ["", "## The cpu preset as shipped", "",
+             f"`{r['command']}` took {r['total_seconds'] / 60:.1f} min ({preset_minutes(r)} min, "
+             f"rounded) on {r['card']}, alone, with an empty cache (stage 1 and the FID reference made in "
+             f"the run; CIFAR-10 and the Inception weights read from disk, not downloaded): "
+             f"{m.get('cpu') or m['processor']}, "
+             f"torch {m['torch']}, {r['precision']}, commit {r['commit']}.", "",
+             "| run | train time | held-out loss at the last step | FID-250 at steps " + " / ".join(
+                 str(e["step"]) for e in next(iter(r["runs"].values()))["fid"]) + " |", "|---|---|---|---|"]
+    for name, x in r["runs"].items():
+        lines.append(f"| {name} | {x['train_seconds']:.0f} s | {x['heldout'][-1]['loss']:.4f} | "
+                     + " / ".join(f"{e['fid']:.1f}" for e in x["fid"]) + " |")
+    return lines
+
+
+def preset_minutes(r):
+    """The preset's wall time in whole minutes, as --help and the README state it."""
+    return round(r["total_seconds"] / 60)
 
 
 def confirm_lines(confirm):
