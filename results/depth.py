@@ -29,7 +29,8 @@ import tiny_demo                                                      # noqa: E4
 PROTOCOL = ["--preset", "cpu", "--steps", "800", "--evals", "0", "--heldout-evals", "8",
             "--precision", "fp32"]
 MODELS = ["24x64", "12x64", "6x64", "6x128", "3x128", "12x128"]
-ROWS = MODELS + ["24x64-taef2"]                   # -taef2: on the pretrained TAEF2's latents
+# The tables' order: by width, the deepest first; -taef2: on the pretrained TAEF2's latents.
+ROWS = sorted(MODELS, key=lambda m: (int(m.split("x")[1]), -int(m.split("x")[0]))) + ["24x64-taef2"]
 SEEDS = (0, 1)
 FRESH = (2, 3, 4)               # chose nothing: the confirmation of 24x64, with FID at 3 checkpoints
 LONG = ["--steps", "5000", "--heldout-evals", "10"]       # 24x64-5k: the long run, seed 0
