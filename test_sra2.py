@@ -2754,6 +2754,18 @@ def test_study_reads_the_records_the_demo_writes(reference_run, tmp_path):
     assert study.preset_lines(preset)[3].startswith(f"`{preset['command']}` took ")
 
 
+def test_the_cpu_preset_time_stated_is_the_recorded_one():
+    """tiny_demo.py's docstring and --help and the README give the cpu preset's time as
+    `python results/study.py run preset-cpu` recorded it (results/study/preset-cpu.json)."""
+    study = _study()
+    record = study.load_records()[study.PRESET]
+    said = f"about {study.preset_minutes(record)} min"
+    readme = " ".join((HERE / "README.md").read_text().split())
+    assert said in tiny_demo.__doc__ and said in tiny_demo.PRESET_HELP
+    assert readme.count(said) == 2 and "run preset-cpu" in readme
+    assert record["command"].startswith("python tiny_demo.py --preset cpu --out ")
+
+
 def test_study_times_the_cpu_preset_as_shipped():
     """`results/study.py run preset-cpu` is `tiny_demo.py --preset cpu` with nothing changed but
     where it writes (its own seeds and threads, an empty cache of its own); its table reads the
@@ -2771,13 +2783,17 @@ def test_study_times_the_cpu_preset_as_shipped():
     r = dict(command="python tiny_demo.py --preset cpu", card="cpu (2 cores, 2 threads)",
              machine=dict(processor="x86_64", torch="2.13.0+cpu"), precision="bf16", commit="abc",
              total_seconds=3029.0, runs={"baseline-s0": run(0.55, (250, 200, 181.26)),
-                                         "sra2-s0": run(0.5512, (240, 190, 180.0))})
+                                         "sra2-s0": run(0.5512, (240, 190, 180.0)),
+                                         "baseline-s1": run(0.5, (250, 200, 179.0)),
+                                         "sra2-s1": run(0.49, (240, 190, 170.0))})
     lines = study.preset_lines(r)
     assert study.preset_minutes(r) == 50 and "took 50.5 min (50 min, rounded)" in lines[3]
     assert lines[5] == "| run | train time | held-out loss at the last step | FID-250 at steps " \
                        "400 / 800 / 1200 |"
-    assert lines[-2:] == ["| baseline-s0 | 1000 s | 0.5500 | 250.0 / 200.0 / 181.3 |",
-                          "| sra2-s0 | 1000 s | 0.5512 | 240.0 / 190.0 / 180.0 |"]
+    assert lines[-6:-4] == ["| baseline-s0 | 1000 s | 0.5500 | 250.0 / 200.0 / 181.3 |",
+                            "| sra2-s0 | 1000 s | 0.5512 | 240.0 / 190.0 / 180.0 |"]
+    assert lines[-1] == ("SRA 2's held-out gap: seed 0 +0.22%, seed 1 -2.00% (mean -0.89%); "
+                         "FID-250 at the last step, mean of the seeds: baseline 180.1, SRA 2 175.0.")
 
 
 def test_depth_study_commands_are_the_protocol():

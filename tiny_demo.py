@@ -3,7 +3,7 @@
 
     python tiny_demo.py                  # the demo on one GPU (--help lists every knob)
     python tiny_demo.py --preset cpu     # the same question on two CPU cores (smaller SiT, two
-                                         # seeds: about 66 min on two free cores)
+                                         # seeds: about 40 min on two free cores with native bf16)
     python tiny_demo.py --quick          # CPU smoke test of the whole pipeline (synthetic data,
                                          # about a minute on two busy cores)
     python tiny_demo.py --ablate         # Table 1 of the paper in miniature
@@ -62,8 +62,9 @@ DEMO_MODELS.update({f"{d}x{w}": ("SiT-S/2", dict(depth=d, hidden_size=w, num_hea
                     for d, w in [(6, 64), (12, 64), (24, 64), (3, 128), (6, 128), (12, 128)]})
 PRESETS = ("full", "cpu", "quick")
 PRESET_HELP = ("full (default): one GPU, not yet timed (a CPU prints its estimate first: about "
-               "240h on two cores); cpu: two seeds, each a baseline + SRA 2 pair, about 66 min "
-               "on two free cores; quick: a smoke test on synthetic data, 63 s on two busy cores")
+               "240h on two cores); cpu: two seeds, each a baseline + SRA 2 pair, about 40 min "
+               "on two free cores with native bf16 (longer in fp32); quick: a smoke test on "
+               "synthetic data, 63 s on two busy cores")
 # Every knob, a flag each (--batch-size): [full, cpu, quick] or one value for all; a flag wins.
 # full: SiT-S/2, the paper's smallest /2 model (its lr 1e-4 is for 400K steps; this run is short);
 # cpu: two CPU cores (README, Results); quick: all stages in about a minute, on one thread (small

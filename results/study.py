@@ -216,8 +216,8 @@ def study_text(records):
 
 
 def preset_lines(r):
-    """The cpu preset as shipped: its wall time, then per run the held-out loss at the last step
-    and FID-250 at each checkpoint."""
+    """The cpu preset as shipped: its wall time, per run the held-out loss at the last step and
+    FID-250 at each checkpoint, then SRA 2's held-out gap per seed and the mean final FIDs."""
     if not r:
         return []
     m = r["machine"]
@@ -232,7 +232,12 @@ def preset_lines(r):
     for name, x in r["runs"].items():
         lines.append(f"| {name} | {x['train_seconds']:.0f} s | {x['heldout'][-1]['loss']:.4f} | "
                      + " / ".join(f"{e['fid']:.1f}" for e in x["fid"]) + " |")
-    return lines
+    seeds = [name.split("-s")[1] for name in r["runs"] if name.startswith("baseline-s")]
+    gaps = [gap(r["runs"][f"sra2-s{k}"], r["runs"][f"baseline-s{k}"]) for k in seeds]
+    fid = lambda run: sum(r["runs"][f"{run}-s{k}"]["fid"][-1]["fid"] for k in seeds) / len(seeds)
+    return lines + ["", "SRA 2's held-out gap: " + ", ".join(
+        f"seed {k} {g:+.2f}%" for k, g in zip(seeds, gaps)) + f" (mean {sum(gaps) / len(gaps):+.2f}%); "
+        f"FID-250 at the last step, mean of the seeds: baseline {fid('baseline'):.1f}, SRA 2 {fid('sra2'):.1f}."]
 
 
 def preset_minutes(r):
