@@ -2800,7 +2800,7 @@ def test_depth_study_commands_are_the_protocol():
     """results/depth.py: every job is tiny_demo.py at the screen protocol in fp32, the control
     aligned to another image's latent at the paper's block."""
     depth = _depth()
-    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2 + 3 * 3 + 3
+    assert len(depth.QUEUE) == len(set(depth.QUEUE)) == 6 * 4 * 2 + 3 * 2 + 3 * 3 + 3 + 3
     argv = depth.command("24x64-ctl8-s1", "data", "work")[2:]
     s = tiny_demo.parse_args(argv)
     tiny_demo.check(s)
