@@ -2766,7 +2766,7 @@ def test_the_cpu_preset_time_stated_is_the_recorded_one():
     assert record["command"].startswith("python tiny_demo.py --preset cpu --out ")
 
 
-def test_study_times_the_cpu_preset_as_shipped():
+def test_study_times_the_cpu_preset_as_shipped(tmp_path):
     """`results/study.py run preset-cpu` is `tiny_demo.py --preset cpu` with nothing changed but
     where it writes (its own seeds and threads, an empty cache of its own); its table reads the
     wall time in minutes (rounded as --help and the README state it) and each run's last
@@ -2777,23 +2777,30 @@ def test_study_times_the_cpu_preset_as_shipped():
     assert argv[argv.index("--cache") + 1] == "work/preset-cpu-cache"
     s = tiny_demo.parse_args(argv[2:])
     tiny_demo.check(s)
-    assert (s.model, s.steps, s.seeds, s.threads, s.lam) == ("small", 1200, [0, 1], 2, 1.0)
+    assert (s.model, s.steps, s.seeds, s.threads, s.lam, s.precision) == (
+        "small", 1200, [0, 1], 2, 1.0, "auto")                     # auto: bf16 on native-bf16 CPUs
     run = lambda loss, fids: dict(train_seconds=1000.4, heldout=[dict(loss=0.6), dict(loss=loss)],
                                   fid=[dict(step=s, fid=f) for s, f in zip((400, 800, 1200), fids)])
     r = dict(command="python tiny_demo.py --preset cpu", card="cpu (2 cores, 2 threads)",
              machine=dict(processor="x86_64", torch="2.13.0+cpu"), precision="bf16", commit="abc",
-             total_seconds=3029.0, runs={"baseline-s0": run(0.55, (250, 200, 181.26)),
+             total_seconds=3040.0, runs={"baseline-s0": run(0.55, (250, 200, 181.26)),
                                          "sra2-s0": run(0.5512, (240, 190, 180.0)),
                                          "baseline-s1": run(0.5, (250, 200, 179.0)),
                                          "sra2-s1": run(0.49, (240, 190, 170.0))})
     lines = study.preset_lines(r)
-    assert study.preset_minutes(r) == 50 and "took 50.5 min (50 min, rounded)" in lines[3]
+    assert study.preset_minutes(r) == 51 and "took 50.7 min (51 min, rounded)" in lines[3]
     assert lines[5] == "| run | train time | held-out loss at the last step | FID-250 at steps " \
                        "400 / 800 / 1200 |"
     assert lines[-6:-4] == ["| baseline-s0 | 1000 s | 0.5500 | 250.0 / 200.0 / 181.3 |",
                             "| sra2-s0 | 1000 s | 0.5512 | 240.0 / 190.0 / 180.0 |"]
     assert lines[-1] == ("SRA 2's held-out gap: seed 0 +0.22%, seed 1 -2.00% (mean -0.89%); "
                          "FID-250 at the last step, mean of the seeds: baseline 180.1, SRA 2 175.0.")
+    del r["runs"]["sra2-s1"]                                      # seed 1 unfinished: seed 0 alone
+    assert study.preset_lines(r)[-1].startswith("SRA 2's held-out gap: seed 0 +0.22% (mean +0.22%)")
+    (tmp_path / study.PRESET).mkdir()                    # timed alone, from scratch, or refused
+    for argv in (["run", study.PRESET, "sra-s0"], ["run", study.PRESET, "--work", str(tmp_path)]):
+        with pytest.raises(SystemExit, match="timed alone and from an empty cache"):
+            study.main(argv)
 
 
 def test_depth_study_commands_are_the_protocol():

@@ -232,7 +232,10 @@ def preset_lines(r):
     for name, x in r["runs"].items():
         lines.append(f"| {name} | {x['train_seconds']:.0f} s | {x['heldout'][-1]['loss']:.4f} | "
                      + " / ".join(f"{e['fid']:.1f}" for e in x["fid"]) + " |")
-    seeds = [name.split("-s")[1] for name in r["runs"] if name.startswith("baseline-s")]
+    seeds = [name.split("-s")[1] for name in r["runs"] if name.startswith("baseline-s")
+             and f"sra2-{name.split('-')[1]}" in r["runs"]]                  # seeds with both runs
+    if not seeds:
+        return lines
     gaps = [gap(r["runs"][f"sra2-s{k}"], r["runs"][f"baseline-s{k}"]) for k in seeds]
     fid = lambda run: sum(r["runs"][f"{run}-s{k}"]["fid"][-1]["fid"] for k in seeds) / len(seeds)
     return lines + ["", "SRA 2's held-out gap: " + ", ".join(
@@ -375,6 +378,10 @@ def main(argv=None):
     p.add_argument("--work", default=str(REPO / "demo_out" / "study"), help="where runs write (%(default)s)")
     a = p.parse_args(argv)
     if a.what == "run":
+        if PRESET in a.jobs and (len(a.jobs) > 1 or any(
+                (Path(a.work) / name).exists() for name in (PRESET, f"{PRESET}-cache"))):
+            sys.exit(f"{PRESET} is timed alone and from an empty cache: run it by itself, "
+                     f"without {a.work}/{PRESET} or {a.work}/{PRESET}-cache")
         run(a.jobs or QUEUE, a.lanes, a.data, a.work, a.threads)
     else:
         collect(a.work)
