@@ -13,10 +13,9 @@ batch rolled by one), which has the latents' statistics and none of this image's
 The 24x64 SiT is also trained the first three ways on the latents of the pretrained TAEF2
 (`--vae taef2`; rows 24x64-taef2), and for 5,000 steps on seed 0 (jobs 24x64-5k-*). The
 baseline, SRA 2 and the control are also trained, with FID, on fresh seeds: 2, 3 and 4 for 24x64,
-2 for 12x128. A gap is
-read only against the baseline trained on the same stage 1 (each record's `data` names its file,
-shift and scale): stage 1 is not bit-reproducible across machines, and the own-VAE 24x64 runs on
-seeds 0 and 1 were made on another machine than the other runs.
+2 for 12x128. A gap is read only against the baseline trained on the same stage 1 (each record's
+`data` names its file, shift and scale): stage 1 is not bit-reproducible across machines, and the
+own-VAE 24x64 runs on seeds 0 and 1 were made on another machine than the other runs.
 """
 import argparse
 import json

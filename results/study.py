@@ -102,15 +102,16 @@ def record(job, work):
     """The small record of one finished job: settings, command, commit, machine, every checkpoint."""
     res = json.loads((Path(work) / job / "results.json").read_text())
     s = res["settings"]
+    command_line = " ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]])
     if job == PRESET:                                      # every run of both seeds, and the wall time
-        return dict(job=job, command=" ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]]),
+        return dict(job=job, command=command_line,
                     commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
                     precision=s["precision"], total_seconds=res["total_seconds"],
                     runs={f"{r['name']}-s{r['seed']}": dict(settings=r["settings"], train_seconds=r["wall"],
                                                             heldout=r["heldout"], fid=r["evals"])
                           for r in res["runs"]})
     if job in CONFIRM:                                             # both runs, and the whole pair's time
-        return dict(job=job, seed=s["seed"], command=" ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]]),
+        return dict(job=job, seed=s["seed"], command=command_line,
                     commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
                     pair_seconds=res["total_seconds"],
                     runs={r["name"]: dict(settings=r["settings"], train_seconds=r["wall"], heldout=r["heldout"],
@@ -121,7 +122,6 @@ def record(job, work):
     keep = ("model", "steps", "batch_size", "lr", "grad_clip", "clip", "align_depth", "lam", "mlp_depth",
             "mlp_width", "target_scale", "seed", "n_images", "heldout_n", "vae_width", "vae_steps", "threads",
             "target", "precision")
-    command_line = " ".join(shlex.quote(a) for a in ["python", "tiny_demo.py", *s["argv"]])
     return dict(job=job, variant=job.rsplit("-s", 1)[0], run=run["name"], seed=run["seed"],
                 settings={k: s.get(k) for k in keep}, sra2=run["settings"], command=command_line,
                 commit=res["machine"]["commit"], machine=res["machine"], card=res["card"], data=res["data"],
@@ -232,8 +232,8 @@ def preset_lines(r):
     for name, x in r["runs"].items():
         lines.append(f"| {name} | {x['train_seconds']:.0f} s | {x['heldout'][-1]['loss']:.4f} | "
                      + " / ".join(f"{e['fid']:.1f}" for e in x["fid"]) + " |")
-    seeds = [name.split("-s")[1] for name in r["runs"] if name.startswith("baseline-s")
-             and f"sra2-{name.split('-')[1]}" in r["runs"]]                  # seeds with both runs
+    seeds = [name.split("-s")[1] for name in r["runs"] if name.startswith("baseline-s")]
+    seeds = [k for k in seeds if f"sra2-s{k}" in r["runs"]]                    # both runs finished
     if not seeds:
         return lines
     gaps = [gap(r["runs"][f"sra2-s{k}"], r["runs"][f"baseline-s{k}"]) for k in seeds]
